@@ -1,0 +1,170 @@
+"""Shared defaults for every tcjepa_jax config.
+
+A config file imports `get_base_config()` and overrides what its experiment needs. Every choice
+METHOD.md calls open is a field here, so a sweep can change it.
+"""
+
+import ml_collections
+
+# The paper's ablation switches (METHOD.md section 5) as values of `model.conditioning`.
+CONDITIONING_MODES = ("all", "first", "caption", "none")
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = "base"
+    config.seed = 0
+
+    # ---- Run length and bookkeeping ----------------------------------------------------------
+    config.batch_size = 2048            # global, over all hosts
+    config.total_steps = 1000
+    config.log_every = 50
+    config.checkpoint_every = 1000
+    config.keep_checkpoints = 3
+
+    # ---- Input ---------------------------------------------------------------------------------
+    config.input = ml_collections.ConfigDict()
+    config.input.source = "synthetic"   # synthetic | array_record | tfds (later issues)
+    config.input.image_size = 224
+    config.input.crop_scale = (0.3, 1.0)
+    config.input.num_captions = 8       # N captions sampled per image per step
+    config.input.max_caption_len = 64   # S tokens per caption
+    config.input.synthetic_size = 1_000_000
+    config.input.num_threads = 2
+    config.input.prefetch = 2
+
+    config.tokenizer = ml_collections.ConfigDict()
+    config.tokenizer.model_path = ""    # SentencePiece model; "" trains one on the captions
+    config.tokenizer.vocab_size = 1000  # used only when training a tokenizer
+
+    # ---- Masks (METHOD.md section 4, I-JEPA defaults) -----------------------------------------
+    config.masks = ml_collections.ConfigDict()
+    config.masks.num_targets = 4
+    config.masks.target_scale = (0.15, 0.2)
+    config.masks.target_aspect = (0.75, 1.5)
+    config.masks.context_scale = (0.85, 1.0)
+    config.masks.context_aspect = (1.0, 1.0)
+    config.masks.min_keep = 10
+
+    # ---- Model -----------------------------------------------------------------------------------
+    config.model = ml_collections.ConfigDict()
+    config.model.encoder = "B/16"       # VIT_SIZES name / patch size
+    config.model.remat = False
+    config.model.predictor_width = 384
+    config.model.predictor_depth = 6
+    config.model.predictor_heads = 12   # METHOD.md: equal to the encoder's
+    config.model.conditioning = "all"   # all | first | caption | none (= I-JEPA)
+    config.model.cond_mlp_ratio = 1.0   # the conditioner's "light" MLP
+    config.model.text = "base"          # T5_SIZES name
+    config.model.text_trainable = False
+    config.model.dtype = "bfloat16"     # compute dtype; parameters stay float32
+
+    # ---- Loss (METHOD.md section 3) ------------------------------------------------------------
+    config.loss = ml_collections.ConfigDict()
+    config.loss.pred = "smooth_l1"      # smooth_l1 (I-JEPA code) | l2 (per-patch L2 norm, paper)
+    config.loss.sparse_weight = 0.1     # lambda
+    config.loss.consistency_weight = 0.5  # beta
+
+    # ---- Optimisation (METHOD.md section 6) ----------------------------------------------------
+    config.optim = ml_collections.ConfigDict()
+    config.optim.lr_start = 1e-4
+    config.optim.lr_peak = 1e-3
+    config.optim.lr_end = 1e-6
+    config.optim.warmup_steps = 100
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.wd_start = 0.04
+    config.optim.wd_end = 0.4
+    config.optim.ema_start = 0.996
+    config.optim.ema_end = 1.0
+
+    # ---- Sharding ------------------------------------------------------------------------------
+    # Mesh axes and sizes; -1 takes the remaining devices. The batch is split over both axes.
+    config.mesh = (("data", -1), ("fsdp", 1))
+    # Logical parameter axis -> mesh axis (None = replicated). A dimension that the mesh axis does
+    # not divide is replicated instead.
+    config.sharding_rules = (
+            ("embed", "fsdp"), ("text_embed", "fsdp"), ("mlp", None), ("heads", None),
+            ("kv", None), ("vocab", None), ("patch", None), ("relpos_buckets", None),
+    )
+
+    # ---- Evaluation ----------------------------------------------------------------------------
+    config.probe = ml_collections.ConfigDict()
+    config.probe.enabled = True
+    config.probe.num_train = 2000
+    config.probe.num_test = 1000
+    config.probe.tasks = ("count", "shape", "color")
+    config.probe.batch_size = 256
+    return config
+
+
+def epochs_to_steps(epochs: float, num_examples: int, batch_size: int) -> int:
+    return int(round(epochs * num_examples / batch_size))
+
+
+# ---- Paper runs (METHOD.md section 6) ----------------------------------------------------------
+
+# Examples per epoch of the paper's datasets.
+DATASET_SIZES = {
+    "imagenet2012": 1_281_167,
+    "imagenet21k": 13_153_500,          # the winter-2021 "fall11" release used by timm/big_vision
+    "cc12m_yfcc15m": 27_000_000,        # CC12M + YFCC15M as available; set to your copy's size
+}
+PREDICTOR_DEPTH = {"B": 6, "L": 12, "H": 12, "G": 16}
+ENCODER_HEADS = {"T": 3, "S": 6, "B": 12, "L": 16, "H": 16, "G": 16}
+
+
+def paper_config(arg: str, *, name: str, encoder: str, dataset: str, epochs: int,
+                 warmup_epochs: int, lr_start: float = 1e-4) -> ml_collections.ConfigDict:
+    """One paper run. `arg` (comma separated): `ijepa` = the I-JEPA baseline of the same run,
+    `runlocal` = the same recipe shrunk to run on a laptop CPU in about a minute on the
+    synthetic scenes."""
+    args = set(filter(None, (arg or "").split(",")))
+    unknown = args - {"ijepa", "runlocal"}
+    if unknown:
+        raise ValueError(f"unknown config arguments {sorted(unknown)}; use ijepa and/or runlocal.")
+    config = get_base_config()
+    config.name = name + ("_ijepa" if "ijepa" in args else "") + ("_runlocal" if "runlocal" in args else "")
+    size = encoder.split("/")[0]
+
+    config.batch_size = 2048
+    config.total_steps = epochs_to_steps(epochs, DATASET_SIZES[dataset], config.batch_size)
+    config.optim.warmup_steps = epochs_to_steps(warmup_epochs, DATASET_SIZES[dataset],
+                                                config.batch_size)
+    config.optim.lr_start = lr_start
+    config.checkpoint_every = 2000
+    config.log_every = 100
+
+    config.input.source = "tfds" if dataset.startswith("imagenet") else "array_record"
+    config.input.dataset = dataset
+    config.input.image_size = 224
+
+    config.model.encoder = encoder
+    config.model.predictor_depth = PREDICTOR_DEPTH[size]
+    config.model.predictor_heads = ENCODER_HEADS[size]
+    config.model.remat = size in ("H", "G")
+    config.model.text = "base"          # T5 size is not stated in the paper (METHOD.md)
+    config.model.conditioning = "none" if "ijepa" in args else "all"
+    config.mesh = (("data", 1), ("fsdp", -1)) if size in ("H", "G") else (("data", -1), ("fsdp", 1))
+    config.probe.enabled = False        # the probes below are for the synthetic scenes
+
+    if "runlocal" in args:
+        config.input.source = "synthetic"
+        config.input.image_size = 64
+        config.input.num_captions = 4
+        config.input.max_caption_len = 24
+        config.tokenizer.vocab_size = 256
+        config.batch_size = 16
+        config.total_steps = 30
+        config.optim.warmup_steps = 5
+        config.log_every = 10
+        config.checkpoint_every = 30
+        config.model.encoder = "mu/8"
+        config.model.predictor_width = 96
+        config.model.predictor_depth = 2
+        config.model.predictor_heads = 3
+        config.model.text = "tiny"
+        config.model.dtype = "float32"
+        config.model.remat = False
+        config.mesh = (("data", -1), ("fsdp", 1))
+    return config

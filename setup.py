@@ -1,0 +1,38 @@
+"""tcjepa_jax: Text-Conditional JEPA pretraining in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tcjepa_jax",
+    version="0.1.0",
+    description="Text-Conditional JEPA (TC-JEPA) vision pretraining in JAX/Flax, CPU to TPU pods.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # `configs` ships with the package so the default config is found after any install.
+    packages=find_packages(include=["tcjepa_jax", "tcjepa_jax.*", "configs"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "grain>=0.2.18",
+        "sentencepiece>=0.2",
+        "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "tpu": ["jax[tpu]>=0.10"],
+        "gpu": ["jax[cuda12]>=0.10"],
+        "data": ["tensorflow-cpu", "tensorflow-datasets", "array-record", "pillow"],
+        "export": ["torch>=2.3", "safetensors", "timm"],
+    },
+    entry_points={
+        "console_scripts": [
+            "tcjepa-train=tcjepa_jax.train:run",
+        ],
+    },
+)

@@ -1,0 +1,46 @@
+"""Where the default config lives, and checks that catch user mistakes before any compilation."""
+
+import os
+
+from configs.common import CONDITIONING_MODES
+
+# configs/ is installed next to tcjepa_jax/ (see setup.py), so this holds after any install.
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic_tiny.py")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (config, data, files); reported as one message, no traceback."""
+
+
+def _check(condition: bool, message: str):
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_range(name: str, value, low: float, high: float):
+    _check(len(value) == 2 and low <= value[0] <= value[1] <= high,
+           f"{name}={tuple(value)} must be a (min, max) pair with {low} <= min <= max <= {high}.")
+
+
+def validate_config(config) -> None:
+    _check(config.total_steps > 0, f"total_steps must be positive, got {config.total_steps}.")
+    _check(config.batch_size > 0, f"batch_size must be positive, got {config.batch_size}.")
+    _check(config.log_every > 0 and config.checkpoint_every > 0,
+           "log_every and checkpoint_every must be positive.")
+    _check(config.model.conditioning in CONDITIONING_MODES,
+           f"model.conditioning={config.model.conditioning!r}; choose one of {CONDITIONING_MODES}.")
+    _check(config.model.dtype in ("float32", "bfloat16"),
+           f"model.dtype={config.model.dtype!r}; choose 'float32' or 'bfloat16'.")
+    _check(config.loss.pred in ("smooth_l1", "l2"),
+           f"loss.pred={config.loss.pred!r}; choose 'smooth_l1' or 'l2'.")
+    _check(config.loss.sparse_weight >= 0 and config.loss.consistency_weight >= 0,
+           "loss.sparse_weight and loss.consistency_weight must be >= 0.")
+    _check(config.input.num_captions >= 1 and config.input.max_caption_len >= 2,
+           "input.num_captions must be >= 1 and input.max_caption_len >= 2.")
+    _check_range("input.crop_scale", config.input.crop_scale, 0.0, 1.0)
+    _check(0 <= config.optim.warmup_steps <= config.total_steps,
+           f"optim.warmup_steps={config.optim.warmup_steps} must lie in [0, total_steps].")
+    _check(config.optim.wd_start > 0, "optim.wd_start must be > 0 (the ramp is multiplicative).")
+    _check(0 <= config.optim.ema_start <= config.optim.ema_end <= 1,
+           "optim.ema_start <= optim.ema_end must both lie in [0, 1].")

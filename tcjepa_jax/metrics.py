@@ -1,0 +1,79 @@
+"""Progress lines (step, loss, images/s, ETA) and TensorBoard logs."""
+
+import logging as logging_std
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+
+class _QuietLibraries(logging_std.Filter):
+    """Drops INFO chatter of libraries (Orbax logs every save in detail) from the console."""
+
+    def filter(self, record):
+        return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
+
+
+def quiet_library_logs():
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+class Progress:
+    """Throughput and ETA from wall time between log points (steps are asynchronous)."""
+
+    def __init__(self, total_steps: int, batch_size: int, flops_per_step: float, start_step: int):
+        self.total_steps, self.batch_size, self.flops = total_steps, batch_size, flops_per_step
+        self._last_step, self._last_time = start_step, None
+
+    def update(self, step: int) -> dict:
+        now = time.time()
+        if self._last_time is None:  # The first step includes warm-up; time from here on.
+            self._last_step, self._last_time = step, now
+            return {}
+        steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        return {
+            "images_per_s": steps_per_s * self.batch_size,
+            "tflops_per_s_per_device": steps_per_s * self.flops / jax.device_count() / 1e12,
+            "eta_s": (self.total_steps - step) / max(steps_per_s, 1e-9),
+        }
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class MetricWriter:
+    """Logs a one-line summary to the console and every scalar to TensorBoard (process 0)."""
+
+    def __init__(self, workdir: str, config):
+        self.total_steps = config.total_steps
+        self._tb = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(f"{workdir}/tensorboard")
+
+    def write(self, step: int, metrics: dict):
+        scalars = {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
+        if self._tb is not None:
+            for name, value in scalars.items():
+                self._tb.add_scalar(name, value, step)
+            self._tb.flush()
+        line = f"step {step}/{self.total_steps}"
+        for name in ("loss", "loss_pred", "loss_sparse", "loss_consistency", "o_frac_pos/layer0"):
+            if name in scalars:
+                line += f" | {name} {scalars[name]:.4f}"
+        if "images_per_s" in scalars:
+            line += (f" | {scalars['images_per_s']:.1f} img/s"
+                     f" | ETA {_format_eta(scalars['eta_s'])}")
+        if scalars.get("bad_records"):
+            line += f" | bad records {int(scalars['bad_records'])}"
+        if any(k.startswith("probe") for k in scalars) and "loss" not in scalars:
+            return
+        logging.info(line)
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,91 @@
+"""Building blocks shared by the ViT, the predictor and the text conditioner.
+
+Every parameter carries logical axis names (see `nn.with_logical_partitioning`) so a config can
+map them to mesh axes. Compute runs in `dtype`; LayerNorm statistics and softmax run in float32.
+"""
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# I-JEPA initialisation: truncated normal(0.02) for every weight matrix, zeros for biases.
+trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+def dense(features, kernel_names: Sequence[Optional[str]], *, axis=-1, use_bias=True,
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+          kernel_init=trunc_normal, name=None) -> nn.DenseGeneral:
+    """A DenseGeneral whose kernel (and bias) carry logical axis names.
+
+    `kernel_names` names every kernel axis (input axes first); the bias gets the output names.
+    """
+    out_ndim = 1 if isinstance(features, int) else len(features)
+    return nn.DenseGeneral(
+        features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, tuple(kernel_names)),
+        bias_init=nn.with_logical_partitioning(zeros, tuple(kernel_names[-out_ndim:])),
+        name=name)
+
+
+def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, axis_name="embed") -> nn.LayerNorm:
+    # flax's LayerNorm reduces in float32 even for bf16 inputs, and is measurably faster on
+    # CPU XLA than a hand-written one; eps 1e-6 as in I-JEPA / big_vision.
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=nn.with_logical_partitioning(ones, (axis_name,)),
+                        bias_init=nn.with_logical_partitioning(zeros, (axis_name,)))
+
+
+def attend(q, k, v, key_valid=None, bias=None, scale=None):
+    """Multi-head attention core. q (B,T,H,D), k/v (B,S,H,D), key_valid bool (B,S), bias
+    broadcastable to (B,H,T,S). Returns (B,T,H,D) in q's dtype. `scale` defaults to 1/sqrt(D).
+
+    Plain einsum form: on CPU XLA, ViT-T/16 fwd+bwd (batch 4, 224px) took 0.33 s vs 0.39 s with
+    `jax.nn.dot_product_attention` (f32; bf16 0.41 vs 0.44 s). Softmax runs in float32.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if key_valid is not None:
+        # finfo.min rather than -inf: a row with no valid key becomes uniform, never NaN.
+        logits = jnp.where(key_valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP (exact GELU, as PyTorch's nn.GELU in I-JEPA, for weight export)."""
+    hidden: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        x = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="fc1")(x)
+        x = nn.gelu(x, approximate=False)
+        return dense(width, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="fc2")(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with qkv bias; padded keys are masked via `valid` (B,N)."""
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, valid=None):
+        width = x.shape[-1]
+        head_dim = width // self.num_heads
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q, k, v = (dense((self.num_heads, head_dim), ("embed", "heads", "kv"), name=n, **kw)(x)
+                   for n in ("query", "key", "value"))
+        out = attend(q, k, v, key_valid=valid)
+        return dense(width, ("heads", "kv", "embed"), axis=(-2, -1), name="out", **kw)(out)

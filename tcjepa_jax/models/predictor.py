@@ -1,0 +1,165 @@
+"""I-JEPA predictor with the TC-JEPA text conditioner (METHOD.md sections 2 and 5).
+
+Per predictor layer: a pre-LN self-attention block over [context tokens, mask tokens], then the
+text conditioner: every token cross-attends to each caption's words, and the per-caption results
+are max-pooled over the valid captions. The conditioner also returns the rectified cosine map O
+that the sparsity and consistency penalties act on.
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from tcjepa_jax.models.layers import Mlp, attend, dense, layer_norm, trunc_normal
+from tcjepa_jax.models.vit import Block, sincos_2d
+
+Dtype = Any
+CONDITIONING = ("all", "first", "caption", "none")
+
+
+class TextConditioner(nn.Module):
+    """One layer's conditioner.
+
+    q (B,T,W) tokens; text (B,N,S,Dt) word features of N captions; text_mask (B,N,S) bool;
+    caption_valid (B,N) bool. Returns (q_out (B,T,W), O (B,N,T,S) float32 or None).
+    mode "words": attend over the words; "caption": one key per caption, the mean valid word
+    feature, and no O (caption-level ablation).
+    """
+    num_heads: int
+    mlp_ratio: float = 1.0
+    mode: str = "words"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, q, text, text_mask, caption_valid):
+        b, t, width = q.shape
+        n = text.shape[1]
+        head_dim = width // self.num_heads
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        text_mask = text_mask.astype(bool)
+        # A caption without a single valid word has nothing to attend to: treat it as missing.
+        caption_valid = caption_valid.astype(bool) & text_mask.any(-1)
+        if self.mode == "caption":
+            m = text_mask[..., None].astype(jnp.float32)
+            text = ((text.astype(jnp.float32) * m).sum(2, keepdims=True)
+                    / jnp.maximum(m.sum(2, keepdims=True), 1.0))
+            text_mask = text_mask.any(-1, keepdims=True)
+        s = text.shape[2]
+
+        heads = (self.num_heads, head_dim)
+        qp = dense(heads, ("embed", "heads", "kv"), name="q", **kw)(
+            layer_norm("norm_q", **kw)(q))                                      # (B,T,H,D)
+        kp = dense(heads, ("text_embed", "heads", "kv"), name="k", **kw)(text)  # (B,N,S,H,D)
+        vp = dense(heads, ("text_embed", "heads", "kv"), name="v", **kw)(text)
+        self.sow("intermediates", "q_proj", qp)
+        self.sow("intermediates", "k_proj", kp)
+
+        # Softmax over all words of each caption (captions folded into the batch).
+        qn = jnp.broadcast_to(qp[:, None], (b, n, t) + heads).reshape((b * n, t) + heads)
+        att = attend(qn, kp.reshape((b * n, s) + heads), vp.reshape((b * n, s) + heads),
+                     key_valid=text_mask.reshape(b * n, s)).reshape((b, n, t) + heads)
+        qc = q[:, None] + dense(width, ("heads", "kv", "embed"), axis=(-2, -1), name="out",
+                                **kw)(att)                                     # (B,N,T,W)
+        qc = qc + Mlp(int(width * self.mlp_ratio), name="mlp", **kw)(
+            layer_norm("norm_mlp", **kw)(qc))
+
+        # Max-pool over valid captions; an example without any caption passes q through.
+        pooled = jnp.where(caption_valid[:, :, None, None], qc, -jnp.inf).max(axis=1)
+        out = jnp.where(caption_valid.any(1)[:, None, None], pooled, q).astype(q.dtype)
+
+        if self.mode == "caption":
+            return out, None
+        # O: rectified cosine of the full projected query and key (all heads concatenated).
+        qf = qp.reshape(b, t, -1).astype(jnp.float32)
+        kf = kp.reshape(b, n, s, -1).astype(jnp.float32)
+        qf = qf / jnp.maximum(jnp.linalg.norm(qf, axis=-1, keepdims=True), 1e-6)
+        kf = kf / jnp.maximum(jnp.linalg.norm(kf, axis=-1, keepdims=True), 1e-6)
+        o = jnp.maximum(jnp.einsum("btd,bnsd->bnts", qf, kf), 0.0)
+        return out, jnp.where(text_mask[:, :, None, :], o, 0.0)
+
+
+def text_penalties(os: list, token_valid, text_mask, caption_valid) -> dict:
+    """L_sparse, L_consistency and per-layer O statistics (METHOD.md section 5).
+
+    os: per conditioned layer O (B,N,T,S); token_valid (B,T); text_mask (B,N,S);
+    caption_valid (B,N). Means run over valid (token, caption) pairs of the whole batch.
+    """
+    if not os:
+        zero = jnp.zeros((), jnp.float32)
+        return dict(sparse=zero, consistency=zero, o_mean=jnp.zeros((0,), jnp.float32),
+                    o_frac_pos=jnp.zeros((0,), jnp.float32))
+    o = jnp.stack(os)                                                      # (L,B,N,T,S)
+    caption_valid = caption_valid & text_mask.any(-1)  # as in TextConditioner
+    pair = (caption_valid[:, :, None] & token_valid[:, None, :]).astype(jnp.float32)  # (B,N,T)
+    word = pair[..., None] * text_mask[:, :, None, :].astype(jnp.float32)  # (B,N,T,S)
+    num_pairs = jnp.maximum(pair.sum(), 1.0)
+    l1 = o.sum(-1)                                                         # (L,B,N,T)
+    sparse = (l1 * pair).sum() / (num_pairs * o.shape[0])
+    dev = jnp.abs(o - o.mean(0, keepdims=True)).sum(-1).mean(0)            # (B,N,T)
+    consistency = (dev * pair).sum() / num_pairs
+    num_words = jnp.maximum(word.sum(), 1.0)
+    return dict(sparse=sparse, consistency=consistency,
+                o_mean=(o * word).sum((1, 2, 3, 4)) / num_words,
+                o_frac_pos=((o > 0) * word).sum((1, 2, 3, 4)) / num_words)
+
+
+class Predictor(nn.Module):
+    enc_width: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    conditioning: str = "all"  # "all" | "first" | "caption" | "none"
+    cond_mlp_ratio: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, ctx, ctx_idx, ctx_valid, tgt_idx, tgt_valid, text, text_mask,
+                 caption_valid, grid: tuple):
+        """ctx (B,Nc,enc_width); ctx_idx/ctx_valid (B,Nc); tgt_idx/tgt_valid (B,K,Nt);
+        text (B,N,S,Dt); text_mask (B,N,S); caption_valid (B,N); grid (h, w) patches.
+        Returns pred (B,K,Nt,enc_width) float32 and the aux dict of `text_penalties`."""
+        if self.conditioning not in CONDITIONING:
+            raise ValueError(f"conditioning={self.conditioning!r}; expected one of "
+                             f"{CONDITIONING}.")
+        b, k, nt = tgt_idx.shape
+        nc = ctx.shape[1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        pos = jnp.asarray(sincos_2d(grid[0], grid[1], self.width), self.dtype)
+
+        # The encoder-width side is left unnamed: one kernel cannot use "embed" twice.
+        x = dense(self.width, (None, "embed"), name="embed", **kw)(ctx) + pos[ctx_idx]
+        mask_token = self.param("mask_token", nn.with_logical_partitioning(
+            trunc_normal, ("embed",)), (self.width,), self.param_dtype)
+        m = jnp.asarray(mask_token, self.dtype) + pos[tgt_idx]                # (B,K,Nt,W)
+
+        # Fold the K target blocks into the batch: B*K independent sequences.
+        x = jnp.repeat(x, k, axis=0)
+        x = jnp.concatenate([x, m.reshape(b * k, nt, self.width)], axis=1)
+        valid = jnp.concatenate([jnp.repeat(ctx_valid.astype(bool), k, axis=0),
+                                 tgt_valid.astype(bool).reshape(b * k, nt)], axis=1)
+
+        block = nn.remat(Block) if self.remat else Block
+        cond = nn.remat(TextConditioner) if self.remat else TextConditioner
+        os = []
+        for i in range(self.depth):
+            x = block(self.num_heads, self.mlp_ratio, name=f"block_{i}", **kw)(x, valid)
+            if self.conditioning == "none" or (self.conditioning == "first" and i > 0):
+                continue
+            # Cross-attention is per token, so the K sequences of an example can share one
+            # copy of its text: regroup (B*K, T) tokens as (B, K*T) instead of repeating text.
+            mode = "caption" if self.conditioning == "caption" else "words"
+            xb, o = cond(self.num_heads, self.cond_mlp_ratio, mode, name=f"cond_{i}", **kw)(
+                x.reshape(b, k * (nc + nt), self.width), text, text_mask, caption_valid)
+            x = xb.reshape(b * k, nc + nt, self.width)
+            if o is not None:
+                os.append(o)
+
+        x = layer_norm("norm", **kw)(x)
+        x = dense(self.enc_width, ("embed", None), name="proj", **kw)(x[:, nc:])
+        aux = text_penalties(os, valid.reshape(b, k * (nc + nt)), text_mask.astype(bool),
+                             caption_valid.astype(bool))
+        return x.reshape(b, k, nt, self.enc_width).astype(jnp.float32), aux

@@ -1,0 +1,218 @@
+"""The TC-JEPA model bundle, its train state and the pure train step (METHOD.md section 3).
+
+Everything here is a pure function of (params, inputs); `train.py` owns the loop, the mesh and
+the I/O. The parameter tree is {"encoder", "predictor", "text"}; "text" exists only when the
+predictor is conditioned on captions, so I-JEPA mode carries no text encoder at all.
+"""
+
+from typing import Any, NamedTuple, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tcjepa_jax import optim
+from tcjepa_jax import sharding as shard_lib
+from tcjepa_jax.masks import MaskSpec
+from tcjepa_jax.models.predictor import Predictor
+from tcjepa_jax.models.text import T5_SIZES, T5Encoder
+from tcjepa_jax.models.vit import VisionTransformer, vit_config
+
+
+# ---- Models ----------------------------------------------------------------------------------
+
+class Models(NamedTuple):
+    encoder: VisionTransformer          # context encoder f; the target encoder f̄ shares it
+    predictor: Predictor
+    text: Optional[T5Encoder]           # None in I-JEPA mode (conditioning == "none")
+    grid: tuple                         # patch grid (H, W)
+    mask_spec: MaskSpec
+
+
+def build_models(config, vocab_size: int) -> Models:
+    dtype = jnp.dtype(config.model.dtype)
+    enc = vit_config(config.model.encoder)
+    image_size = config.input.image_size
+    if image_size % enc["patch_size"]:
+        raise ValueError(f"input.image_size={image_size} is not a multiple of the patch size "
+                         f"{enc['patch_size']} of model.encoder={config.model.encoder!r}.")
+    grid = (image_size // enc["patch_size"],) * 2
+    encoder = VisionTransformer(**enc, dtype=dtype, remat=config.model.remat)
+    predictor = Predictor(
+        enc_width=enc["width"],
+        width=config.model.predictor_width,
+        depth=config.model.predictor_depth,
+        num_heads=config.model.predictor_heads,
+        conditioning=config.model.conditioning,
+        cond_mlp_ratio=config.model.cond_mlp_ratio,
+        dtype=dtype,
+    )
+    text = None
+    if config.model.conditioning != "none":
+        text = T5Encoder(vocab_size=vocab_size, **T5_SIZES[config.model.text], dtype=dtype)
+    mask_spec = MaskSpec.from_config(config.masks, grid)
+    return Models(encoder, predictor, text, grid, mask_spec)
+
+
+def dummy_batch(models: Models, config, batch_size: int = 1) -> dict:
+    """A batch of the pipeline's shapes and dtypes (see data/pipeline.py)."""
+    size, spec = config.input.image_size, models.mask_spec
+    n, s = config.input.num_captions, config.input.max_caption_len
+    return {
+        "image": np.zeros((batch_size, size, size, 3), np.float32),
+        "text_ids": np.zeros((batch_size, n, s), np.int32),
+        "text_mask": np.ones((batch_size, n, s), bool),
+        "caption_valid": np.ones((batch_size, n), bool),
+        "context_idx": np.zeros((batch_size, spec.num_context_slots), np.int32),
+        "context_valid": np.ones((batch_size, spec.num_context_slots), bool),
+        "target_idx": np.zeros((batch_size, spec.num_targets, spec.num_target_slots), np.int32),
+        "target_valid": np.ones((batch_size, spec.num_targets, spec.num_target_slots), bool),
+    }
+
+
+def init_params(models: Models, config, rng) -> dict:
+    """Parameters, still boxed with their logical axis names (nn.Partitioned)."""
+    batch = jax.tree.map(jnp.asarray, dummy_batch(models, config))
+    rng_enc, rng_pred, rng_text = jax.random.split(rng, 3)
+    params = {"encoder": models.encoder.init(
+        rng_enc, batch["image"], batch["context_idx"], batch["context_valid"])["params"]}
+    ctx = jnp.zeros(batch["context_idx"].shape + (models.encoder.width,))
+    text = _text_features_shape(models, batch)
+    if models.text is not None:
+        params["text"] = models.text.init(rng_text, batch["text_ids"], batch["text_mask"])["params"]
+    params["predictor"] = models.predictor.init(
+        rng_pred, ctx, batch["context_idx"], batch["context_valid"], batch["target_idx"],
+        batch["target_valid"], text, batch["text_mask"], batch["caption_valid"], models.grid,
+    )["params"]
+    return params
+
+
+def _text_features_shape(models, batch):
+    width = models.text.width if models.text is not None else 1
+    return jnp.zeros(batch["text_ids"].shape + (width,))
+
+
+# ---- Train state -----------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any               # {"encoder", "predictor", "text"?}
+    ema_params: Any           # target encoder f̄: EMA of params["encoder"]
+    opt_state: Any
+
+
+def state_shardings(models: Models, config, tx, mesh):
+    """Shardings of every TrainState leaf, from the parameters' logical axis names."""
+    boxed = jax.eval_shape(lambda: init_params(models, config, jax.random.key(0)))
+    params = shard_lib.param_shardings(boxed, mesh, config.sharding_rules)
+    # Optimizer statistics inherit the logical names of their parameters (optax maps over the
+    # nn.Partitioned boxes), so one rule set lays out parameters and moments alike.
+    opt_state = shard_lib.param_shardings(jax.eval_shape(tx.init, boxed), mesh,
+                                          config.sharding_rules)
+    replicated = shard_lib.replicated(mesh)
+    return TrainState(step=replicated, params=params, ema_params=params["encoder"],
+                      opt_state=opt_state)
+
+
+def create_train_state(models: Models, config, tx, shardings: TrainState) -> TrainState:
+    """Initialise directly into the sharded layout (no host-side copy of the full model)."""
+
+    def init(rng):
+        params = nn.unbox(init_params(models, config, rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          ema_params=params["encoder"], opt_state=tx.init(params))
+
+    rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
+# ---- Loss ------------------------------------------------------------------------------------
+
+def gather_tokens(tokens, idx):
+    """tokens (B, N, D), idx (B, K, T) -> (B, K, T, D)."""
+    return jnp.take_along_axis(tokens[:, None], idx[..., None], axis=2)
+
+
+def prediction_loss(pred, target, valid, kind: str):
+    """Mean over valid target tokens; smooth-L1 (beta=1) or the per-patch L2 norm."""
+    if kind == "smooth_l1":
+        per_token = optax.huber_loss(pred, target, delta=1.0).mean(-1)
+    elif kind == "l2":
+        per_token = jnp.sqrt(jnp.sum(jnp.square(pred - target), -1) + 1e-12)
+    else:
+        raise ValueError(f"loss.pred must be 'smooth_l1' or 'l2', got {kind!r}.")
+    valid = valid.astype(jnp.float32)
+    return jnp.sum(per_token * valid) / jnp.maximum(valid.sum(), 1.0)
+
+
+def target_features(models: Models, ema_params, images):
+    """h = LayerNorm_noparams(f̄(full image)), with no gradient."""
+    h = models.encoder.apply({"params": ema_params}, images).astype(jnp.float32)
+    h = (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + 1e-6)
+    return jax.lax.stop_gradient(h)
+
+
+def text_features(models: Models, params, batch, trainable: bool):
+    if models.text is None:  # I-JEPA mode: the predictor ignores text; keep the shapes static.
+        return _text_features_shape(models, batch)
+    t = models.text.apply({"params": params["text"]}, batch["text_ids"], batch["text_mask"])
+    return t if trainable else jax.lax.stop_gradient(t)
+
+
+def loss_fn(params, ema_params, batch, models: Models, config):
+    h = target_features(models, ema_params, batch["image"])
+    targets = gather_tokens(h, batch["target_idx"])
+    text = text_features(models, params, batch, config.model.text_trainable)
+    z = models.encoder.apply({"params": params["encoder"]}, batch["image"],
+                             batch["context_idx"], batch["context_valid"])
+    pred, aux = models.predictor.apply(
+        {"params": params["predictor"]}, z, batch["context_idx"], batch["context_valid"],
+        batch["target_idx"], batch["target_valid"], text, batch["text_mask"],
+        batch["caption_valid"], models.grid)
+    loss_pred = prediction_loss(pred.astype(jnp.float32), targets, batch["target_valid"],
+                                config.loss.pred)
+    loss = (loss_pred + config.loss.sparse_weight * aux["sparse"]
+            + config.loss.consistency_weight * aux["consistency"])
+    metrics = {"loss": loss, "loss_pred": loss_pred, "loss_sparse": aux["sparse"],
+               "loss_consistency": aux["consistency"]}
+    for name in ("o_mean", "o_frac_pos"):
+        for layer, value in enumerate(jnp.atleast_1d(aux[name])):
+            metrics[f"{name}/layer{layer}"] = value
+    return loss, metrics
+
+
+# ---- Train step ------------------------------------------------------------------------------
+
+def make_train_step(models: Models, config, tx):
+    lr = optim.learning_rate_schedule(config.optim, config.total_steps)
+    wd = optim.weight_decay_schedule(config.optim, config.total_steps)
+    momentum = optim.ema_momentum_schedule(config.optim, config.total_steps)
+
+    def train_step(state: TrainState, batch: dict):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(state.params, state.ema_params, batch, models, config)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        m = momentum(state.step)
+        ema_params = jax.tree.map(lambda e, p: m * e + (1.0 - m) * p,
+                                  state.ema_params, params["encoder"])
+        trained = {k: v for k, v in grads.items() if k != "text" or config.model.text_trainable}
+        metrics.update(grad_norm=optax.global_norm(trained), lr=lr(state.step),
+                       weight_decay=wd(state.step), ema_momentum=m)
+        new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
+                               opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(train_step, shardings: TrainState, mesh):
+    """Our pjit: explicit in/out shardings, the state donated so it is updated in place."""
+    batch = shard_lib.batch_sharding(mesh)
+    return jax.jit(train_step, in_shardings=(shardings, batch),
+                   out_shardings=(shardings, shard_lib.replicated(mesh)), donate_argnums=0)

@@ -1,0 +1,162 @@
+"""Pretrain a TC-JEPA (or I-JEPA) image encoder.
+
+    python -m tcjepa_jax.train [--config=configs/F.py[:ARGS]] [--workdir=DIR] [--config.KEY=VALUE]
+
+With no flags it trains the embedded default (configs/synthetic_tiny.py) into
+runs/synthetic_tiny. A workdir that holds checkpoints is resumed from its latest one.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tcjepa_jax import checkpoint as ckpt_lib
+from tcjepa_jax import optim
+from tcjepa_jax import sharding as shard_lib
+from tcjepa_jax import step as step_lib
+from tcjepa_jax.config_lib import DEFAULT_CONFIG, UserError, validate_config
+from tcjepa_jax.data import pipeline, synthetic
+from tcjepa_jax.data.tokenizer import load_or_train_tokenizer
+from tcjepa_jax.evaluators import linear_probe
+from tcjepa_jax.metrics import MetricWriter, Progress, quiet_library_logs
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", DEFAULT_CONFIG, "Training config file (configs/*.py[:ARGS]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<config.name>.")
+
+
+# ---- Setup -----------------------------------------------------------------------------------
+
+def setup(config, workdir: str):
+    """Everything that can fail because of the user happens here, before any compilation."""
+    try:
+        validate_config(config)
+        mesh = shard_lib.make_mesh(config)
+        if config.batch_size % mesh.size:
+            raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
+                             f"{mesh.size} devices of the mesh.")
+        tokenizer = load_or_train_tokenizer(
+            config.tokenizer.model_path or None, workdir, config.tokenizer.vocab_size,
+            lambda: synthetic.iter_captions(config.seed, 20_000))
+        models = step_lib.build_models(config, tokenizer.vocab_size)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise UserError(str(e)) from e
+    return mesh, tokenizer, models
+
+
+# ---- Train -----------------------------------------------------------------------------------
+
+def train(config, workdir: str) -> dict:
+    """Trains to config.total_steps (resuming if possible); returns the final metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh, tokenizer, models = setup(config, workdir)
+    tx = optim.make_optimizer(config)
+    shardings = step_lib.state_shardings(models, config, tx, mesh)
+    train_step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx), shardings, mesh)
+    batch_sharding = shard_lib.batch_sharding(mesh)
+
+    data_iter = pipeline.make_train_iterator(
+        config, tokenizer, models.mask_spec,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    checkpointer = ckpt_lib.Checkpointer(workdir, config)
+    checkpointer.install_sigterm_handler()
+
+    start_step = checkpointer.latest_step()
+    abstract = jax.eval_shape(lambda: step_lib.create_train_state(models, config, tx, shardings))
+    if start_step is None:
+        state, start_step = step_lib.create_train_state(models, config, tx, shardings), 0
+    else:
+        logging.info("Resuming from %s at step %d.", checkpointer.directory, start_step)
+        state = checkpointer.restore(
+            start_step, ckpt_lib.abstract_like(abstract, shardings), data_iter)
+
+    writer = MetricWriter(workdir, config)
+    metrics = {}
+    if start_step < config.total_steps:
+        batch = shard_lib.make_global_batch(next(data_iter), batch_sharding)
+        t0 = time.time()
+        compiled = train_step.lower(state, batch).compile()
+        cost = compiled.cost_analysis() or {}
+        flops = float(cost.get("flops", 0.0)) if isinstance(cost, dict) else 0.0
+        logging.info("Compiled the train step in %.1fs (%.3g FLOPs per step).", time.time() - t0, flops)
+        progress = Progress(config.total_steps, config.batch_size, flops, start_step)
+
+        for step in range(start_step + 1, config.total_steps + 1):
+            state, step_metrics = compiled(state, batch)
+            last = step == config.total_steps
+            if step % config.log_every == 0 or last or step == start_step + 1:
+                metrics = jax.device_get(step_metrics)
+                metrics.update(progress.update(step), bad_records=pipeline.bad_record_count())
+                writer.write(step, metrics)
+                if not np.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"Loss is {metrics['loss']} at step {step}.")
+            preempted = checkpointer.preempted(step)
+            checkpointer.save(step, state, data_iter, config, force=last or preempted)
+            if preempted:
+                checkpointer.wait()
+                logging.warning("Preempted: saved step %d, exiting.", step)
+                sys.exit(0)
+            if not last:
+                batch = shard_lib.make_global_batch(next(data_iter), batch_sharding)
+        checkpointer.wait()
+    else:
+        logging.info("Already trained to step %d.", start_step)
+
+    if config.probe.enabled:
+        metrics.update(probe(config, workdir, models, state))
+        writer.write(config.total_steps, {k: v for k, v in metrics.items() if k.startswith("probe")})
+    writer.close()
+    checkpointer.close()
+    return metrics
+
+
+# ---- Probe -----------------------------------------------------------------------------------
+
+def probe(config, workdir: str, models, state) -> dict:
+    """Linear probes of the trained target encoder next to the same probes at initialisation."""
+    train = pipeline.load_probe_arrays(config, "validation", config.probe.num_train)
+    test = pipeline.load_probe_arrays(config, "test", config.probe.num_test)
+    rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+    init_encoder = jax.jit(lambda: step_lib.init_params(models, config, rng)["encoder"])()
+    from flax import linen as nn
+    encoders = {"trained": state.ema_params, "random_init": nn.unbox(init_encoder)}
+    patch = models.encoder.patch_size
+    results = {}
+    for name, params in encoders.items():
+        accuracy = linear_probe.run_probes(models.encoder, params, train, test,
+                                           config.probe.tasks, patch, config.probe.batch_size)
+        for task, value in accuracy.items():
+            results[f"probe/{task}/{name}"] = value
+    lines = [f"  {task:>8s}: trained {results[f'probe/{task}/trained']:.3f}   "
+             f"random init {results[f'probe/{task}/random_init']:.3f}" for task in config.probe.tasks]
+    logging.info("Linear probe accuracy (held-out synthetic scenes):\n%s", "\n".join(lines))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "probe.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def main(argv):
+    del argv
+    quiet_library_logs()
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("runs", config.name)
+    try:
+        train(config, workdir)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+def run():
+    """Console-script entry point (tcjepa-train)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
