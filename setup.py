@@ -33,6 +33,7 @@ setup(
     entry_points={
         "console_scripts": [
             "tcjepa-train=tcjepa_jax.train:run",
+            "tcjepa-eval=tcjepa_jax.evaluate:run",
         ],
     },
 )

@@ -45,6 +45,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.masks.context_scale = (0.85, 1.0)
     config.masks.context_aspect = (1.0, 1.0)
     config.masks.min_keep = 10
+    config.masks.max_context = 0       # cap on context slots (0: the exact bound); see masks.py
 
     # ---- Model -----------------------------------------------------------------------------------
     config.model = ml_collections.ConfigDict()

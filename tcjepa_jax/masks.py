@@ -59,6 +59,11 @@ class MaskSpec:
     context_scale: tuple[float, float] = (0.85, 1.0)
     context_aspect: tuple[float, float] = (1.0, 1.0)
     min_keep: int = 10  # at least this many context patches
+    # Cap on context slots (0 = none). The exact bound is loose (about twice the median context
+    # at the I-JEPA defaults) and padded slots cost compute in the encoder and the predictor;
+    # a context above the cap keeps a random subset of max_context patches (I-JEPA instead cuts
+    # every context in a batch to the batch's shortest, biased to the top rows).
+    max_context: int = 0
 
     def __post_init__(self):
         try:
@@ -137,7 +142,8 @@ class MaskSpec:
         # even when that target lies partly or wholly outside the context block.
         largest_context = _area_bound(self.context_scale[1], self.context_aspect, self.grid, largest=True)
         smallest_target = _area_bound(self.target_scale[0], self.target_aspect, self.grid, largest=False)
-        return min(largest_context, self.grid[0] * self.grid[1] - smallest_target)
+        bound = min(largest_context, self.grid[0] * self.grid[1] - smallest_target)
+        return min(bound, self.max_context) if self.max_context > 0 else bound
 
 
 def block_shape(scale: float, aspect: float, grid: tuple[int, int]) -> tuple[int, int]:
@@ -252,6 +258,8 @@ def sample_masks(spec: MaskSpec, seed: int, index: int, epoch: int) -> dict[str,
     else:
         target_masks = [target_masks[0]] * spec.num_targets
         context_ids = np.flatnonzero(~target_masks[0])[: spec.num_context_slots]
+    if context_ids.size > spec.num_context_slots:  # only with max_context
+        context_ids = np.sort(rng.choice(context_ids, spec.num_context_slots, replace=False))
 
     target_ids = [np.flatnonzero(m) for m in target_masks]
     # The slot counts are only worth having if they are never exceeded.

@@ -6,7 +6,6 @@ With no flags it trains the embedded default (configs/synthetic_tiny.py) into
 runs/synthetic_tiny. A workdir that holds checkpoints is resumed from its latest one.
 """
 
-import json
 import os
 import sys
 import time
@@ -20,34 +19,15 @@ from tcjepa_jax import checkpoint as ckpt_lib
 from tcjepa_jax import optim
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
-from tcjepa_jax.config_lib import DEFAULT_CONFIG, UserError, validate_config
-from tcjepa_jax.data import pipeline, synthetic
-from tcjepa_jax.data.tokenizer import load_or_train_tokenizer
+from tcjepa_jax.config_lib import DEFAULT_CONFIG, UserError
+from tcjepa_jax.experiment import setup
+from tcjepa_jax.data import pipeline
 from tcjepa_jax.evaluators import linear_probe
 from tcjepa_jax.metrics import MetricWriter, Progress, quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Training config file (configs/*.py[:ARGS]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<config.name>.")
-
-
-# ---- Setup -----------------------------------------------------------------------------------
-
-def setup(config, workdir: str):
-    """Everything that can fail because of the user happens here, before any compilation."""
-    try:
-        validate_config(config)
-        mesh = shard_lib.make_mesh(config)
-        if config.batch_size % mesh.size:
-            raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
-                             f"{mesh.size} devices of the mesh.")
-        tokenizer = load_or_train_tokenizer(
-            config.tokenizer.model_path or None, workdir, config.tokenizer.vocab_size,
-            lambda: synthetic.iter_captions(config.seed, 20_000))
-        models = step_lib.build_models(config, tokenizer.vocab_size)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise UserError(str(e)) from e
-    return mesh, tokenizer, models
 
 
 # ---- Train -----------------------------------------------------------------------------------
@@ -109,37 +89,11 @@ def train(config, workdir: str) -> dict:
         logging.info("Already trained to step %d.", start_step)
 
     if config.probe.enabled:
-        metrics.update(probe(config, workdir, models, state))
+        metrics.update(linear_probe.probe_trained_and_init(config, workdir, models, state.ema_params))
         writer.write(config.total_steps, {k: v for k, v in metrics.items() if k.startswith("probe")})
     writer.close()
     checkpointer.close()
     return metrics
-
-
-# ---- Probe -----------------------------------------------------------------------------------
-
-def probe(config, workdir: str, models, state) -> dict:
-    """Linear probes of the trained target encoder next to the same probes at initialisation."""
-    train = pipeline.load_probe_arrays(config, "validation", config.probe.num_train)
-    test = pipeline.load_probe_arrays(config, "test", config.probe.num_test)
-    rng = jax.random.fold_in(jax.random.key(config.seed), 0)
-    init_encoder = jax.jit(lambda: step_lib.init_params(models, config, rng)["encoder"])()
-    from flax import linen as nn
-    encoders = {"trained": state.ema_params, "random_init": nn.unbox(init_encoder)}
-    patch = models.encoder.patch_size
-    results = {}
-    for name, params in encoders.items():
-        accuracy = linear_probe.run_probes(models.encoder, params, train, test,
-                                           config.probe.tasks, patch, config.probe.batch_size)
-        for task, value in accuracy.items():
-            results[f"probe/{task}/{name}"] = value
-    lines = [f"  {task:>8s}: trained {results[f'probe/{task}/trained']:.3f}   "
-             f"random init {results[f'probe/{task}/random_init']:.3f}" for task in config.probe.tasks]
-    logging.info("Linear probe accuracy (held-out synthetic scenes):\n%s", "\n".join(lines))
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "probe.json"), "w") as f:
-            json.dump(results, f, indent=2)
-    return results
 
 
 def main(argv):

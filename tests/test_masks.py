@@ -229,3 +229,20 @@ def test_spec_is_frozen():
 
 def test_max_tries_is_bounded():
     assert 1 <= masks.MAX_TRIES <= 100
+
+
+def test_max_context_caps_slots_and_keeps_small_contexts():
+    exact, capped = MaskSpec(grid=(8, 8)), MaskSpec(grid=(8, 8), max_context=30)
+    assert capped.num_context_slots == 30 < exact.num_context_slots
+    saw_cap = False
+    for i in range(300):
+        a, b = sample_masks(exact, 0, i, 0), sample_masks(capped, 0, i, 0)
+        np.testing.assert_array_equal(a["target_idx"], b["target_idx"])
+        full = set(a["context_idx"][a["context_valid"]].tolist())
+        kept = set(b["context_idx"][b["context_valid"]].tolist())
+        if len(full) <= 30:
+            assert kept == full  # below the cap nothing changes
+        else:
+            saw_cap = True
+            assert len(kept) == 30 and kept < full  # a subset of exactly the cap's size
+    assert saw_cap

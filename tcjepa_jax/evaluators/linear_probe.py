@@ -7,11 +7,18 @@ fifth of the probe's training set.
 """
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
+from flax import linen as nn
+
+from tcjepa_jax import step as step_lib
+from tcjepa_jax.data import pipeline
 
 L2_GRID = (1e-4, 1e-3, 1e-2)
 # The dense probe sees every patch of this many images (64 patches each at the default size).
@@ -92,4 +99,29 @@ def run_probes(encoder, params, train: dict, test: dict, tasks, patch_size: int,
         num_classes = int(max(y_train.max(), y_test.max())) + 1
         results[task] = fit_linear_probe(x_train, np.asarray(y_train), x_test,
                                          np.asarray(y_test), num_classes)["accuracy"]
+    return results
+
+
+def probe_trained_and_init(config, workdir: str, models, ema_params) -> dict:
+    """Probes of the trained target encoder next to the same probes at initialisation.
+
+    Probe data are the held-out "validation" (probe training) and "test" splits of the source.
+    Writes workdir/probe.json and returns {"probe/<task>/<trained|random_init>": accuracy}.
+    """
+    train = pipeline.load_probe_arrays(config, "validation", config.probe.num_train)
+    test = pipeline.load_probe_arrays(config, "test", config.probe.num_test)
+    rng = jax.random.fold_in(jax.random.key(config.seed), 0)  # the seed train.py inits from
+    init_encoder = jax.jit(lambda: nn.unbox(step_lib.init_params(models, config, rng))["encoder"])()
+    results = {}
+    for name, params in (("trained", ema_params), ("random_init", init_encoder)):
+        accuracy = run_probes(models.encoder, params, train, test, config.probe.tasks,
+                              models.encoder.patch_size, config.probe.batch_size)
+        for task, value in accuracy.items():
+            results[f"probe/{task}/{name}"] = value
+    lines = [f"  {task:>8s}: trained {results[f'probe/{task}/trained']:.3f}   "
+             f"random init {results[f'probe/{task}/random_init']:.3f}" for task in config.probe.tasks]
+    logging.info("Linear probe accuracy on held-out synthetic scenes:\n%s", "\n".join(lines))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "probe.json"), "w") as f:
+            json.dump(results, f, indent=2)
     return results
