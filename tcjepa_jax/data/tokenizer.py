@@ -107,8 +107,8 @@ def load_or_train_tokenizer(model_path: str | None, workdir: str, vocab_size: in
     if model_path:
         if not os.path.exists(model_path):
             raise FileNotFoundError(
-                    f"Tokenizer model {model_path!r} does not exist. Train one with "
-                    "`python -m tcjepa_jax.tools.train_tokenizer`, or leave the tokenizer path empty (None) "
+                    f"tokenizer.model_path={model_path!r} does not exist. Train one with "
+                    "`python -m tcjepa_jax.tools.train_tokenizer`, or set tokenizer.model_path=\"\" "
                     "to train one on the training captions into the workdir.")
         return Tokenizer(model_path)
     path = os.path.join(workdir, "tokenizer.model")
