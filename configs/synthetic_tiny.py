@@ -33,7 +33,7 @@ def get_config(arg: str = ""):
     config.input.num_captions = 2       # each conditioned caption costs a conditioner pass
     config.input.max_caption_len = 24
     config.tokenizer.vocab_size = 256
-    # The exact bound is 55 of the 64 patches; contexts longer than 40 (about 5%) are
+    # The exact bound is 55 of the 64 patches; contexts longer than 40 (about 3%) are
     # subsampled, which saves a quarter of the encoder's and predictor's work.
     config.masks.max_context = 40
 

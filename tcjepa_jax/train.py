@@ -35,9 +35,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<co
 def train(config, workdir: str) -> dict:
     """Trains to config.total_steps (resuming if possible); returns the final metrics."""
     os.makedirs(workdir, exist_ok=True)
+    logging.info("Run %s in %s.", config.name, os.path.abspath(workdir))
     mesh, tokenizer, models = setup(config, workdir)
     tx = optim.make_optimizer(config)
     shardings = step_lib.state_shardings(models, config, tx, mesh)
+    _log_model(config, mesh, models, shardings)
     train_step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx), shardings, mesh)
     batch_sharding = shard_lib.batch_sharding(mesh)
 
@@ -61,6 +63,7 @@ def train(config, workdir: str) -> dict:
     if start_step < config.total_steps:
         batch = shard_lib.make_global_batch(next(data_iter), batch_sharding)
         t0 = time.time()
+        logging.info("Compiling the train step...")
         compiled = train_step.lower(state, batch).compile()
         cost = compiled.cost_analysis() or {}
         flops = float(cost.get("flops", 0.0)) if isinstance(cost, dict) else 0.0
@@ -80,6 +83,8 @@ def train(config, workdir: str) -> dict:
             checkpointer.save(step, state, data_iter, config, force=last or preempted)
             if preempted:
                 checkpointer.wait()
+                writer.close()
+                checkpointer.close()
                 logging.warning("Preempted: saved step %d, exiting.", step)
                 sys.exit(0)
             if not last:
@@ -93,7 +98,19 @@ def train(config, workdir: str) -> dict:
         writer.write(config.total_steps, {k: v for k, v in metrics.items() if k.startswith("probe")})
     writer.close()
     checkpointer.close()
+    logging.info("Done. Checkpoints: %s; TensorBoard: tensorboard --logdir %s",
+                 checkpointer.directory, os.path.join(os.path.abspath(workdir), "tensorboard"))
     return metrics
+
+
+def _log_model(config, mesh, models, shardings):
+    sizes = jax.tree.map(lambda s: s.shape, jax.eval_shape(
+        lambda: step_lib.init_params(models, config, jax.random.key(0))))
+    counts = {name: sum(int(np.prod(shape)) for shape in jax.tree.leaves(
+        tree, is_leaf=lambda x: isinstance(x, tuple))) for name, tree in sizes.items()}
+    logging.info("Devices: %d x %s, mesh %s. Parameters: %s.", jax.device_count(),
+                 jax.devices()[0].device_kind, dict(mesh.shape),
+                 ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in counts.items()))
 
 
 def main(argv):
