@@ -233,7 +233,9 @@ def test_one_device_matches_eight(tokenizer_path, mesh8, host_init, host_batches
     assert int(state1.step) == int(state8.step) == steps
     for (path, a), (_, b) in zip(_leaves((state1.params, state1.ema_params)),
                                  _leaves((state8.params, state8.ema_params))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        # Adam divides by sqrt(v): where a gradient is near zero, float32 reduction-order noise
+        # in it can move a parameter by a visible fraction of the learning rate (3e-3 here).
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5, err_msg=jax.tree_util.keystr(path))
     # The parameters did move (else equality says nothing).
     init_kernel = host_init.params["encoder"]["patch_embed"]["kernel"]
     assert not np.allclose(state1.params["encoder"]["patch_embed"]["kernel"], init_kernel)
