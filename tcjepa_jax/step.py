@@ -202,7 +202,7 @@ def make_train_step(models: Models, config, tx):
         ema_params = jax.tree.map(lambda e, p: m * e + (1.0 - m) * p,
                                   state.ema_params, params["encoder"])
         trained = {k: v for k, v in grads.items() if k != "text" or config.model.text_trainable}
-        metrics.update(grad_norm=optax.global_norm(trained), lr=lr(state.step),
+        metrics.update(grad_norm=optax.tree.norm(trained), lr=lr(state.step),
                        weight_decay=wd(state.step), ema_momentum=m)
         new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
                                opt_state=opt_state)
