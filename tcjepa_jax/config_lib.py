@@ -1,6 +1,7 @@
 """Where the default config lives, and checks that catch user mistakes before any compilation."""
 
 import os
+import sys
 
 from configs.common import CONDITIONING_MODES
 
@@ -11,6 +12,16 @@ DEFAULT_CONFIG = os.path.join(
 
 class UserError(Exception):
     """A mistake the user can fix (config, data, files); reported as one message, no traceback."""
+
+
+def run_command(fn, *args):
+    """Runs a command-line job: user errors end it with one message and exit status 1."""
+    from tcjepa_jax.metrics import quiet_library_logs
+    quiet_library_logs()
+    try:
+        return fn(*args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
 
 
 def _check(condition: bool, message: str):

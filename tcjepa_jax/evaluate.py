@@ -6,19 +6,15 @@ Reads the config saved with the checkpoint, restores the target encoder and runs
 probes (held-out synthetic scenes) next to the same probes on the encoder at initialisation.
 """
 
-import sys
-
 import jax
 import ml_collections
 from absl import app, flags
 
 from tcjepa_jax import checkpoint as ckpt_lib
 from tcjepa_jax import optim
-from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
-from tcjepa_jax.config_lib import UserError
+from tcjepa_jax.config_lib import UserError, run_command
 from tcjepa_jax.evaluators import linear_probe
-from tcjepa_jax.metrics import quiet_library_logs
 from tcjepa_jax.experiment import setup
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.", required=True)
@@ -43,11 +39,7 @@ def evaluate(workdir: str) -> dict:
 
 def main(argv):
     del argv
-    quiet_library_logs()
-    try:
-        evaluate(_WORKDIR.value)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_command(evaluate, _WORKDIR.value)
 
 
 def run():

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tcjepa_jax import optim
 from tcjepa_jax import sharding as shard_lib

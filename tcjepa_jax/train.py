@@ -19,11 +19,11 @@ from tcjepa_jax import checkpoint as ckpt_lib
 from tcjepa_jax import optim
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
-from tcjepa_jax.config_lib import DEFAULT_CONFIG, UserError
+from tcjepa_jax.config_lib import DEFAULT_CONFIG, run_command
 from tcjepa_jax.experiment import setup
 from tcjepa_jax.data import pipeline
 from tcjepa_jax.evaluators import linear_probe
-from tcjepa_jax.metrics import MetricWriter, Progress, quiet_library_logs
+from tcjepa_jax.metrics import MetricWriter, Progress
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Training config file (configs/*.py[:ARGS]).", lock_config=True)
@@ -115,13 +115,8 @@ def _log_model(config, mesh, models, shardings):
 
 def main(argv):
     del argv
-    quiet_library_logs()
     config = _CONFIG.value
-    workdir = _WORKDIR.value or os.path.join("runs", config.name)
-    try:
-        train(config, workdir)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_command(train, config, _WORKDIR.value or os.path.join("runs", config.name))
 
 
 def run():

@@ -5,7 +5,7 @@ text conditioner: every token cross-attends to each caption's words, and the per
 are max-pooled over the valid captions. The conditioner also returns the rectified cosine map O
 that the sparsity and consistency penalties act on.
 """
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
