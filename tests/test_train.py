@@ -375,3 +375,22 @@ def test_cli_user_error_has_no_traceback(tmp_path):
     assert "conditioning" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+# ---- bf16 compute ---------------------------------------------------------------------------
+
+def test_bf16_compute_keeps_float32_parameters(tokenizer_path, host_batches):
+    """bf16 activations, float32 parameters and optimizer state, and a loss close to float32's."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        config = tiny_config(tokenizer_path, mesh=(("data", 1), ("fsdp", 1)))
+        config.model.dtype = dtype
+        setup = Setup(config, devices=jax.devices()[:1])
+        state = step_lib.create_train_state(setup.models, config, setup.tx, setup.shardings)
+        state, metrics = setup.step(state, setup.batch(host_batches[0]))
+        losses[dtype] = float(metrics["loss_pred"])
+        assert {leaf.dtype for leaf in jax.tree.leaves((state.params, state.ema_params))} == {
+            np.dtype("float32")}
+    assert np.isfinite(losses["bfloat16"])
+    assert losses["bfloat16"] != losses["float32"]  # bf16 really ran
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
