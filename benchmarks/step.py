@@ -20,9 +20,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from tcjepa_jax import optim, step as step_lib, sharding as shard_lib  # noqa: E402
-from tcjepa_jax.data import pipeline, synthetic  # noqa: E402
-from tcjepa_jax.data.tokenizer import load_or_train_tokenizer  # noqa: E402
 from tcjepa_jax.config_lib import DEFAULT_CONFIG  # noqa: E402
+from tcjepa_jax.data import pipeline  # noqa: E402
+from tcjepa_jax.experiment import setup  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per mode (after one warm-up step).")
@@ -40,9 +40,8 @@ def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> fl
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
 
 
-def measure(config, tokenizer, steps: int) -> dict:
-    mesh = shard_lib.make_mesh(config)
-    models = step_lib.build_models(config, tokenizer.vocab_size)
+def measure(config, workdir: str, steps: int) -> dict:
+    mesh, tokenizer, models = setup(config, workdir)
     tx = optim.make_optimizer(config)
     shardings = step_lib.state_shardings(models, config, tx, mesh)
     state = step_lib.create_train_state(models, config, tx, shardings)
@@ -51,7 +50,7 @@ def measure(config, tokenizer, steps: int) -> dict:
     train_step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx),
                                          shardings, mesh)
     compiled = train_step.lower(state, batch).compile()
-    flops = float(compiled.cost_analysis()["flops"])
+    flops = step_lib.compiled_flops(compiled)  # per device
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     t0 = time.perf_counter()
@@ -67,23 +66,20 @@ def main(argv):
     del argv
     config = _CONFIG.value
     dtype = jnp.dtype(config.model.dtype)
-    peak = matmul_peak_flops(dtype=dtype) * jax.device_count()
+    peak = matmul_peak_flops(dtype=dtype)  # one device, as the step's FLOPs are per device
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = load_or_train_tokenizer(
-            config.tokenizer.model_path or None, tmp, config.tokenizer.vocab_size,
-            lambda: synthetic.iter_captions(config.seed, 20_000))
         results = {}
         for mode in ("all", "none"):
             mode_config = config.copy_and_resolve_references()
             mode_config.model.conditioning = mode
             results["TC-JEPA" if mode == "all" else "I-JEPA"] = measure(
-                mode_config, tokenizer, _STEPS.value)
+                mode_config, tmp, _STEPS.value)
     print(f"config {config.name}: batch {config.batch_size}, encoder {config.model.encoder}, "
           f"{config.model.dtype}, {jax.device_count()} x {jax.devices()[0].device_kind}")
-    print(f"matmul peak measured here: {peak / 1e9:.1f} GFLOP/s")
+    print(f"matmul peak measured here: {peak / 1e9:.1f} GFLOP/s per device")
     for name, r in results.items():
-        print(f"{name:8s} {r['images_per_s']:8.1f} img/s  {r['flops'] / 1e9:8.2f} GFLOP/step  "
-              f"{r['flops_per_s'] / 1e9:7.1f} GFLOP/s  = {r['flops_per_s'] / peak:.1%} of peak")
+        print(f"{name:8s} {r['images_per_s']:8.1f} img/s  {r['flops'] / 1e9:8.2f} GFLOP/step/device  "
+              f"{r['flops_per_s'] / 1e9:7.1f} GFLOP/s/device  = {r['flops_per_s'] / peak:.1%} of peak")
     tc, ij = results["TC-JEPA"], results["I-JEPA"]
     print(f"TC-JEPA / I-JEPA: step FLOPs x{tc['flops'] / ij['flops']:.2f}, "
           f"images/s x{tc['images_per_s'] / ij['images_per_s']:.2f}, "

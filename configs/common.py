@@ -6,8 +6,7 @@ METHOD.md calls open is a field here, so a sweep can change it.
 
 import ml_collections
 
-# The paper's ablation switches (METHOD.md section 5) as values of `model.conditioning`.
-CONDITIONING_MODES = ("all", "first", "caption", "none")
+from tcjepa_jax.models.vit import vit_config
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -30,6 +29,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.input.num_captions = 8       # N captions sampled per image per step
     config.input.max_caption_len = 64   # S tokens per caption
     config.input.synthetic_size = 1_000_000
+    config.input.seed = 0               # the synthetic dataset itself; config.seed drives training
     config.input.num_threads = 2
     config.input.prefetch = 2
 
@@ -54,7 +54,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.predictor_width = 384
     config.model.predictor_depth = 6
     config.model.predictor_heads = 12   # METHOD.md: equal to the encoder's
-    config.model.conditioning = "all"   # all | first | caption | none (= I-JEPA)
+    # The paper's ablations (METHOD.md section 5): all | first | caption | none (= I-JEPA).
+    config.model.conditioning = "all"
     config.model.cond_mlp_ratio = 1.0   # the conditioner's "light" MLP
     config.model.text = "base"          # T5_SIZES name
     config.model.text_trainable = False
@@ -112,7 +113,6 @@ DATASET_SIZES = {
     "cc12m_yfcc15m": 27_000_000,        # CC12M + YFCC15M as available; set to your copy's size
 }
 PREDICTOR_DEPTH = {"B": 6, "L": 12, "H": 12, "G": 16}
-ENCODER_HEADS = {"T": 3, "S": 6, "B": 12, "L": 16, "H": 16, "G": 16}
 
 
 def paper_config(arg: str, *, name: str, encoder: str, dataset: str, epochs: int,
@@ -142,7 +142,7 @@ def paper_config(arg: str, *, name: str, encoder: str, dataset: str, epochs: int
 
     config.model.encoder = encoder
     config.model.predictor_depth = PREDICTOR_DEPTH[size]
-    config.model.predictor_heads = ENCODER_HEADS[size]
+    config.model.predictor_heads = vit_config(encoder)["num_heads"]  # METHOD.md: as the encoder
     config.model.remat = size in ("H", "G")
     config.model.text = "base"          # T5 size is not stated in the paper (METHOD.md)
     config.model.conditioning = "none" if "ijepa" in args else "all"

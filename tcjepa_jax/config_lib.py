@@ -3,7 +3,10 @@
 import os
 import sys
 
-from configs.common import CONDITIONING_MODES
+from tcjepa_jax.data.pipeline import SOURCES
+from tcjepa_jax.models.predictor import CONDITIONING
+from tcjepa_jax.models.text import T5_SIZES
+from tcjepa_jax.models.vit import vit_config
 
 # configs/ is installed next to tcjepa_jax/ (see setup.py), so this holds after any install.
 DEFAULT_CONFIG = os.path.join(
@@ -39,8 +42,23 @@ def validate_config(config) -> None:
     _check(config.batch_size > 0, f"batch_size must be positive, got {config.batch_size}.")
     _check(config.log_every > 0 and config.checkpoint_every > 0,
            "log_every and checkpoint_every must be positive.")
-    _check(config.model.conditioning in CONDITIONING_MODES,
-           f"model.conditioning={config.model.conditioning!r}; choose one of {CONDITIONING_MODES}.")
+    _check(config.model.conditioning in CONDITIONING,
+           f"model.conditioning={config.model.conditioning!r}; choose one of {CONDITIONING}.")
+    _check(config.input.source in SOURCES,
+           f"input.source={config.input.source!r} cannot be read yet; available: {SOURCES}. "
+           "(The paper configs' real datasets come in a later release; use :runlocal.)")
+    try:
+        vit_config(config.model.encoder)
+    except ValueError as e:
+        raise ValueError(f"model.encoder: {e}") from None
+    _check(config.model.text in T5_SIZES,
+           f"model.text={config.model.text!r}; choose one of {tuple(T5_SIZES)}.")
+    width, heads = config.model.predictor_width, config.model.predictor_heads
+    _check(width % 4 == 0 and width % heads == 0,
+           f"model.predictor_width={width} must be divisible by 4 (2-D sin-cos position "
+           f"embedding) and by model.predictor_heads={heads}.")
+    for axis, size in config.mesh:
+        _check(size == -1 or size >= 1, f"config.mesh axis {axis!r} has size {size}; use >= 1 or -1.")
     _check(config.model.dtype in ("float32", "bfloat16"),
            f"model.dtype={config.model.dtype!r}; choose 'float32' or 'bfloat16'.")
     _check(config.loss.pred in ("smooth_l1", "l2"),

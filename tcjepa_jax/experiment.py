@@ -23,7 +23,7 @@ def setup(config, workdir: str):
                              f"{mesh.size} devices of the mesh.")
         tokenizer = load_or_train_tokenizer(
             config.tokenizer.model_path or None, workdir, config.tokenizer.vocab_size,
-            lambda: synthetic.iter_captions(config.seed, 20_000))
+            lambda: synthetic.iter_captions(config.input.seed, 5000, config.input.image_size))
         models = step_lib.build_models(config, tokenizer.vocab_size)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise UserError(str(e)) from e

@@ -110,7 +110,9 @@ class MaskSpec:
                     f"a target block can cover {largest_target} of {num_patches} patches, "
                     f"leaving fewer than min_keep={min_keep} for the context"
                 )
-            if self.num_context_slots < min_keep:
+            if 0 < self.max_context < min_keep:
+                problems.append(f"max_context={self.max_context} must be 0 (no cap) or >= min_keep={min_keep}")
+            elif self.num_context_slots < min_keep:
                 problems.append(
                     f"context blocks hold at most {self.num_context_slots} patches after removing a target, "
                     f"fewer than min_keep={min_keep}"

@@ -23,6 +23,7 @@ class Progress:
     """Throughput and ETA from wall time between log points (steps are asynchronous)."""
 
     def __init__(self, total_steps: int, batch_size: int, flops_per_step: float, start_step: int):
+        """flops_per_step: per device, as XLA's cost analysis reports it."""
         self.total_steps, self.batch_size, self.flops = total_steps, batch_size, flops_per_step
         self._last_step, self._last_time = start_step, None
 
@@ -35,7 +36,8 @@ class Progress:
         self._last_step, self._last_time = step, now
         return {
             "images_per_s": steps_per_s * self.batch_size,
-            "tflops_per_s_per_device": steps_per_s * self.flops / jax.device_count() / 1e12,
+            # XLA's cost analysis of an SPMD program counts one device's share.
+            "tflops_per_s_per_device": steps_per_s * self.flops / 1e12,
             "eta_s": (self.total_steps - step) / max(steps_per_s, 1e-9),
         }
 

@@ -33,8 +33,12 @@ def ema_momentum_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params):
-    # No weight decay on biases, LayerNorm scales and other vectors (I-JEPA and timm convention).
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    """Decay weight matrices only: not biases (the q/k/v biases are 2-D, (heads, head_dim)),
+    not LayerNorm scales or other vectors (the I-JEPA rule: 'bias' not in name, ndim > 1)."""
+    def decays(path, p):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return p.ndim > 1 and "bias" not in str(names[-1] if names else "")
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

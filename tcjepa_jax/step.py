@@ -49,6 +49,7 @@ def build_models(config, vocab_size: int) -> Models:
         conditioning=config.model.conditioning,
         cond_mlp_ratio=config.model.cond_mlp_ratio,
         dtype=dtype,
+        remat=config.model.remat,
     )
     text = None
     if config.model.conditioning != "none":
@@ -126,8 +127,12 @@ def create_train_state(models: Models, config, tx, shardings: TrainState) -> Tra
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           ema_params=params["encoder"], opt_state=tx.init(params))
 
-    rng = jax.random.fold_in(jax.random.key(config.seed), 0)
-    return jax.jit(init, out_shardings=shardings)(rng)
+    return jax.jit(init, out_shardings=shardings)(init_rng(config))
+
+
+def init_rng(config):
+    """The key every run initialises its parameters from (the probes' "random init" too)."""
+    return jax.random.fold_in(jax.random.key(config.seed), 0)
 
 
 # ---- Loss ------------------------------------------------------------------------------------
@@ -208,6 +213,12 @@ def make_train_step(models: Models, config, tx):
         return new_state, metrics
 
     return train_step
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call of a compiled program on one device (XLA's cost analysis)."""
+    cost = compiled.cost_analysis() or {}
+    return float(cost.get("flops", 0.0)) if isinstance(cost, dict) else 0.0
 
 
 def jit_train_step(train_step, shardings: TrainState, mesh):

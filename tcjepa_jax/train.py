@@ -50,11 +50,12 @@ def train(config, workdir: str) -> dict:
     checkpointer.install_sigterm_handler()
 
     start_step = checkpointer.latest_step()
-    abstract = jax.eval_shape(lambda: step_lib.create_train_state(models, config, tx, shardings))
     if start_step is None:
         state, start_step = step_lib.create_train_state(models, config, tx, shardings), 0
     else:
         logging.info("Resuming from %s at step %d.", checkpointer.directory, start_step)
+        abstract = jax.eval_shape(
+            lambda: step_lib.create_train_state(models, config, tx, shardings))
         state = checkpointer.restore(
             start_step, ckpt_lib.abstract_like(abstract, shardings), data_iter)
 
@@ -65,9 +66,9 @@ def train(config, workdir: str) -> dict:
         t0 = time.time()
         logging.info("Compiling the train step...")
         compiled = train_step.lower(state, batch).compile()
-        cost = compiled.cost_analysis() or {}
-        flops = float(cost.get("flops", 0.0)) if isinstance(cost, dict) else 0.0
-        logging.info("Compiled the train step in %.1fs (%.3g FLOPs per step).", time.time() - t0, flops)
+        flops = step_lib.compiled_flops(compiled)
+        logging.info("Compiled the train step in %.1fs (%.3g FLOPs per step and device).",
+                     time.time() - t0, flops)
         progress = Progress(config.total_steps, config.batch_size, flops, start_step)
 
         for step in range(start_step + 1, config.total_steps + 1):

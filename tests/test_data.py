@@ -220,6 +220,14 @@ def test_pipeline_skips_bad_records(tokenizer):
     assert counter.count > 0 and "corrupt record" in counter.last_error
 
 
+def test_pipeline_stops_when_most_records_fail(tokenizer):
+    counter = pipeline.BadRecordCounter(give_up_after=10)
+    it = pipeline.make_train_iterator(tiny_config(), tokenizer, SPEC,
+                                      source=IndexSource(48, set(range(48))), counter=counter)
+    with pytest.raises(RuntimeError, match="records failed to load"):
+        take(it, 1)
+
+
 def test_unknown_source_and_probe_arrays():
     with pytest.raises(ValueError, match="synthetic"):
         pipeline.make_source(tiny_config(source="nope").input, "train")

@@ -43,7 +43,8 @@ def test_ema_momentum_linear(config):
 
 
 def test_no_decay_on_vectors_and_frozen_text(config):
-    params = {"encoder": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))},
+    params = {"encoder": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,)),
+                          "qkv": {"bias": jnp.ones((2, 2))}},
               "predictor": {"scale": jnp.ones((4,))},
               "text": {"embedding": jnp.ones((8, 4))}}
     zero_grads = jax.tree.map(jnp.zeros_like, params)
@@ -52,6 +53,7 @@ def test_no_decay_on_vectors_and_frozen_text(config):
     # With zero gradients only weight decay moves parameters: the matrix, not the vectors.
     assert float(jnp.abs(updates["encoder"]["kernel"]).max()) > 0
     assert float(jnp.abs(updates["encoder"]["bias"]).max()) == 0
+    assert float(jnp.abs(updates["encoder"]["qkv"]["bias"]).max()) == 0  # 2-D, still a bias
     assert float(jnp.abs(updates["predictor"]["scale"]).max()) == 0
     # The frozen text encoder gets no update even with a gradient.
     grads = jax.tree.map(jnp.ones_like, params)

@@ -31,6 +31,7 @@ import threading
 import grain
 import numpy as np
 
+from tcjepa_jax import masks
 from tcjepa_jax.data import synthetic
 from tcjepa_jax.data import transforms
 
@@ -40,24 +41,38 @@ _MAX_LOGGED = 5
 
 
 class BadRecordCounter:
-    """Thread-safe count of skipped records, with the last error for logging."""
+    """Thread-safe count of skipped records, with the last error for logging.
 
-    def __init__(self):
+    A few bad records are skipped; a source where most records fail (wrong format, a bug in a
+    custom source) stops the run with the error instead of skipping forever.
+    """
+
+    def __init__(self, give_up_after: int = 100, give_up_fraction: float = 0.5):
         self._lock = threading.Lock()
-        self.count = 0
+        self.count = self.seen = 0
         self.last_error = ""
+        self.give_up_after, self.give_up_fraction = give_up_after, give_up_fraction
+
+    def ok(self) -> None:
+        with self._lock:
+            self.seen += 1
 
     def add(self, index: int, error: BaseException) -> None:
         with self._lock:
+            self.seen += 1
             self.count += 1
             self.last_error = f"record {index}: {type(error).__name__}: {error}"
-            n = self.count
+            n, seen = self.count, self.seen
         if n <= _MAX_LOGGED:
             logging.warning("Skipping bad record (%d so far) %s", n, self.last_error)
+        if n >= self.give_up_after and n > self.give_up_fraction * seen:
+            raise RuntimeError(
+                f"{n} of the first {seen} records failed to load; the data or the source is "
+                f"broken, not a few records. Last error: {self.last_error}") from error
 
     def reset(self) -> None:
         with self._lock:
-            self.count, self.last_error = 0, ""
+            self.count, self.seen, self.last_error = 0, 0, ""
 
 
 # Records skipped by every pipeline in this process (read-ahead by prefetch threads included).
@@ -93,8 +108,6 @@ class TrainExample:
 
     def __init__(self, source, config, tokenizer, mask_spec, process_index, process_count,
                               counter: BadRecordCounter):
-        from tcjepa_jax import masks  # pylint: disable=g-import-not-at-top
-        self._sample_masks = masks.sample_masks
         self.source, self.tokenizer, self.mask_spec = source, tokenizer, mask_spec
         self.seed = int(config.seed)
         self.image_size = int(config.input.image_size)
@@ -110,17 +123,19 @@ class TrainExample:
         epoch = global_position // self.epoch_size
         record_index = int(record_index)
         try:
-            return self.process(self.source[record_index], record_index, epoch)
+            example = self.process(self.source[record_index], record_index, epoch)
         except Exception as e:  # pylint: disable=broad-except
             self.counter.add(record_index, e)
             return None
+        self.counter.ok()
+        return example
 
     def process(self, record: dict, index: int, epoch: int) -> dict:
         rng = example_rng(self.seed, epoch, index)
         image = transforms.random_resized_crop(record["image"], rng, self.image_size, self.crop_scale)
         captions, caption_valid = transforms.sample_captions(record["captions"], rng, self.num_captions)
         text_ids, text_mask = self.tokenizer.encode(captions, self.max_len)
-        m = self._sample_masks(self.mask_spec, self.seed, index, epoch)
+        m = masks.sample_masks(self.mask_spec, self.seed, index, epoch)
         return {
                 "image": transforms.normalize(image),
                 "text_ids": text_ids.astype(np.int32),

@@ -110,7 +110,7 @@ def probe_trained_and_init(config, workdir: str, models, ema_params) -> dict:
     """
     train = pipeline.load_probe_arrays(config, "validation", config.probe.num_train)
     test = pipeline.load_probe_arrays(config, "test", config.probe.num_test)
-    rng = jax.random.fold_in(jax.random.key(config.seed), 0)  # the seed train.py inits from
+    rng = step_lib.init_rng(config)
     init_encoder = jax.jit(lambda: nn.unbox(step_lib.init_params(models, config, rng))["encoder"])()
     results = {}
     for name, params in (("trained", ema_params), ("random_init", init_encoder)):
