@@ -138,13 +138,10 @@ class TrainExample:
         m = masks.sample_masks(self.mask_spec, self.seed, index, epoch)
         return {
                 "image": transforms.normalize(image),
-                "text_ids": text_ids.astype(np.int32),
-                "text_mask": text_mask.astype(bool),
+                "text_ids": text_ids,          # int32 and bool from Tokenizer.encode,
+                "text_mask": text_mask,        # and the masks' dtypes from sample_masks
                 "caption_valid": caption_valid,
-                "context_idx": np.asarray(m["context_idx"], np.int32),
-                "context_valid": np.asarray(m["context_valid"], bool),
-                "target_idx": np.asarray(m["target_idx"], np.int32),
-                "target_valid": np.asarray(m["target_valid"], bool),
+                **m,
         }
 
 

@@ -45,7 +45,7 @@ _SPLIT_IDS = {"train": 0, "validation": 1, "val": 1, "test": 2}
 _SALT = 0x7C5E  # separates this generator's streams from other users of the same seed
 _TEXTURES = ("noisy", "shaded", "striped")
 
-NUM_CLASSES = {"count": 4, "shape": len(SHAPES), "color": len(COLORS)}
+NUM_CLASSES = {"count": 4, "shape": len(SHAPES), "color": len(COLORS)}  # at max_objects=4
 
 
 def _split_id(split: str) -> int:
@@ -114,7 +114,6 @@ class SyntheticScenes:
         self.size = int(size)
         self.min_objects = int(min_objects)
         self.max_objects = int(max_objects)
-        self.num_classes = {"count": self.max_objects, "shape": len(SHAPES), "color": len(COLORS)}
         self._split_id = _split_id(split)
         s = self.image_size
         self._yy, self._xx = np.mgrid[0:s, 0:s].astype(np.float32)
