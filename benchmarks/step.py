@@ -41,11 +41,11 @@ def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> fl
 
 
 def measure(config, workdir: str, steps: int) -> dict:
-    mesh, tokenizer, models = setup(config, workdir)
+    mesh, tokenizer, models, source = setup(config, workdir)
     tx = optim.make_optimizer(config)
     shardings = step_lib.state_shardings(models, config, tx, mesh)
     state = step_lib.create_train_state(models, config, tx, shardings)
-    data = pipeline.make_train_iterator(config, tokenizer, models.mask_spec)
+    data = pipeline.make_train_iterator(config, tokenizer, models.mask_spec, source=source)
     batch = shard_lib.make_global_batch(next(data), shard_lib.batch_sharding(mesh))
     train_step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx),
                                          shardings, mesh)

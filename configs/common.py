@@ -21,20 +21,41 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
 
-    # ---- Input ---------------------------------------------------------------------------------
+    # ---- Input (docs/data.md) -----------------------------------------------------------------
     config.input = ml_collections.ConfigDict()
-    config.input.source = "synthetic"   # synthetic | array_record | tfds (later issues)
+    # A file in tcjepa_jax/data/sources/: synthetic | array_record | tfds.
+    config.input.source = "synthetic"
+    config.input.split = "train"        # tfds: the training split, e.g. "train[:99%]"
+    # array_record: a directory of shards, a glob, or several of them comma-separated;
+    # tfds: the TFDS data_dir ("" = TFDS's default).
+    config.input.data_dir = ""
+    config.input.tfds_name = ""         # tfds: e.g. "imagenet2012", "coco_captions"
+    config.input.image_key = "image"    # tfds: feature names; "/" reaches nested features
+    config.input.caption_key = ""       # tfds: text or sequence-of-text feature ("" = none)
+    config.input.id_key = ""            # tfds: image id / file name feature (joins caption_file)
+    config.input.label_key = ""         # tfds: integer label feature ("" = none)
+    # JSONL, one {"id": ..., "captions": [...]} per line, joined on the record id; replaces the
+    # captions stored in the data. "" = use the data's own captions.
+    config.input.caption_file = ""
+    # A record without usable captions is skipped and counted (True) or trains unconditioned
+    # (False). Ignored in I-JEPA mode, which reads no text.
+    config.input.skip_uncaptioned = True
     config.input.image_size = 224
     config.input.crop_scale = (0.3, 1.0)
     config.input.num_captions = 8       # N captions sampled per image per step
     config.input.max_caption_len = 64   # S tokens per caption
     config.input.synthetic_size = 1_000_000
     config.input.seed = 0               # the synthetic dataset itself; config.seed drives training
+    # Decoding and transforms run in this many Grain worker processes (0: in the training
+    # process), each with num_threads reader threads; prefetch is in batches.
+    config.input.workers = 0
     config.input.num_threads = 2
     config.input.prefetch = 2
 
     config.tokenizer = ml_collections.ConfigDict()
-    config.tokenizer.model_path = ""    # SentencePiece model; "" trains one on the captions
+    # SentencePiece model with T5 ids (pad 0, eos 1, unk 2), e.g. T5's spiece.model; "" trains
+    # one on the training captions into the workdir at start-up.
+    config.tokenizer.model_path = ""
     config.tokenizer.vocab_size = 1000  # used only when training a tokenizer
 
     # ---- Masks (METHOD.md section 4, I-JEPA defaults) -----------------------------------------
@@ -59,6 +80,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.cond_mlp_ratio = 1.0   # the conditioner's "light" MLP
     config.model.text = "base"          # T5_SIZES name
     config.model.text_trainable = False
+    # Rows of the text embedding table; 0 = the tokenizer's size. A pretrained T5 has 32128.
+    config.model.text_vocab_size = 0
     config.model.dtype = "bfloat16"     # compute dtype; parameters stay float32
 
     # ---- Loss (METHOD.md section 3) ------------------------------------------------------------
@@ -114,6 +137,16 @@ DATASET_SIZES = {
 }
 PREDICTOR_DEPTH = {"B": 6, "L": 12, "H": 12, "G": 16}
 
+# Where each paper dataset is read from; the config files' docstrings give the commands that
+# prepare the data (docs/data.md has the details). Paths are relative to the working directory;
+# override them with --config.input.data_dir=... / --config.input.caption_file=...
+PAPER_DATA = {
+    "imagenet2012": dict(source="tfds", tfds_name="imagenet2012", id_key="file_name",
+                         label_key="label", caption_file="data/captions/imagenet2012_train.jsonl"),
+    "imagenet21k": dict(source="array_record", data_dir="data/imagenet21k"),
+    "cc12m_yfcc15m": dict(source="array_record", data_dir="data/cc12m,data/yfcc15m"),
+}
+
 
 def paper_config(arg: str, *, name: str, encoder: str, dataset: str, epochs: int,
                  warmup_epochs: int, lr_start: float = 1e-4) -> ml_collections.ConfigDict:
@@ -136,9 +169,11 @@ def paper_config(arg: str, *, name: str, encoder: str, dataset: str, epochs: int
     config.checkpoint_every = 2000
     config.log_every = 100
 
-    config.input.source = "tfds" if dataset.startswith("imagenet") else "array_record"
-    config.input.dataset = dataset
+    config.input.update(PAPER_DATA[dataset])
+    if "ijepa" in args:
+        config.input.caption_file = ""  # I-JEPA reads no text
     config.input.image_size = 224
+    config.input.workers = 8            # decoding processes per host; size to the host's cores
 
     config.model.encoder = encoder
     config.model.predictor_depth = PREDICTOR_DEPTH[size]
@@ -151,6 +186,7 @@ def paper_config(arg: str, *, name: str, encoder: str, dataset: str, epochs: int
 
     if "runlocal" in args:
         config.input.source = "synthetic"
+        config.input.workers = 0
         config.input.image_size = 64
         config.input.num_captions = 4
         config.input.max_caption_len = 24

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from tcjepa_jax.data.pipeline import SOURCES
+from tcjepa_jax.data.sources import available_sources
 from tcjepa_jax.models.predictor import CONDITIONING
 from tcjepa_jax.models.text import T5_SIZES
 from tcjepa_jax.models.vit import vit_config
@@ -44,9 +44,17 @@ def validate_config(config) -> None:
            "log_every and checkpoint_every must be positive.")
     _check(config.model.conditioning in CONDITIONING,
            f"model.conditioning={config.model.conditioning!r}; choose one of {CONDITIONING}.")
-    _check(config.input.source in SOURCES,
-           f"input.source={config.input.source!r} cannot be read yet; available: {SOURCES}. "
-           "(The paper configs' real datasets come in a later release; use :runlocal.)")
+    _check(config.input.source in available_sources(),
+           f"input.source={config.input.source!r}; choose one of {available_sources()}.")
+    _check(config.input.get("workers", 0) >= 0 and config.input.get("num_threads", 1) >= 0,
+           "input.workers and input.num_threads must be >= 0.")
+    _check(config.model.get("text_vocab_size", 0) >= 0, "model.text_vocab_size must be >= 0.")
+    if config.model.conditioning != "none" and config.input.source == "tfds":
+        _check(bool(config.input.caption_key or config.input.caption_file),
+               f"model.conditioning={config.model.conditioning!r} needs captions, but TFDS dataset "
+               f"{config.input.tfds_name!r} is read without any: set input.caption_file (a JSONL "
+               "caption file, see docs/data.md) or input.caption_key (a caption feature), or train "
+               "I-JEPA with model.conditioning='none'.")
     try:
         vit_config(config.model.encoder)
     except ValueError as e:

@@ -28,7 +28,7 @@ def evaluate(workdir: str) -> dict:
         raise UserError(f"no checkpoint under {checkpointer.directory}; train first "
                         f"(python -m tcjepa_jax.train --workdir={workdir}).")
     config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-    mesh, _, models = setup(config, workdir)
+    mesh, _, models, _ = setup(config, workdir, with_data=False)
     tx = optim.make_optimizer(config)
     shardings = step_lib.state_shardings(models, config, tx, mesh)
     abstract = jax.eval_shape(lambda: step_lib.create_train_state(models, config, tx, shardings))

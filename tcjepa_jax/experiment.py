@@ -1,19 +1,32 @@
-"""Turns a config into the run's mesh, tokenizer and models, checking it first.
+"""Turns a config into the run's mesh, data source, tokenizer and models, checking it first.
 
-Shared by train.py, evaluate.py and the benchmarks. Everything that can fail because of the user
-(config, files) fails here with a UserError, before any compilation.
+Shared by train.py, evaluate.py, the tools and the benchmarks. Everything that can fail because
+of the user (config, data paths, tokenizer files) fails here with a UserError, before any
+compilation.
 """
+
+from typing import Any, NamedTuple
 
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
 from tcjepa_jax.config_lib import UserError, validate_config
-from tcjepa_jax.data import synthetic
-from tcjepa_jax.data.tokenizer import load_or_train_tokenizer
+from tcjepa_jax.data import pipeline
+from tcjepa_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+
+# Images whose captions train a tokenizer when tokenizer.model_path is empty.
+TOKENIZER_CORPUS_IMAGES = 5000
+
+
+class Experiment(NamedTuple):
+    mesh: Any
+    tokenizer: Any              # Tokenizer; None in I-JEPA mode (no text is read)
+    models: step_lib.Models
+    source: Any                 # the training data source; None when setup(with_data=False)
 
 
 # ---- Setup -----------------------------------------------------------------------------------
 
-def setup(config, workdir: str):
+def setup(config, workdir: str, with_data: bool = True) -> Experiment:
     """Everything that can fail because of the user happens here, before any compilation."""
     try:
         validate_config(config)
@@ -21,12 +34,34 @@ def setup(config, workdir: str):
         if config.batch_size % mesh.size:
             raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
                              f"{mesh.size} devices of the mesh.")
-        tokenizer = load_or_train_tokenizer(
-            config.tokenizer.model_path or None, workdir, config.tokenizer.vocab_size,
-            lambda: synthetic.iter_captions(config.input.seed, 5000, config.input.image_size))
-        models = step_lib.build_models(config, tokenizer.vocab_size)
+        source = None
+        if with_data:
+            source = pipeline.make_source(config.input, config.input.split)
+            if not len(source):
+                raise ValueError(f"The training data {source!r} has no records.")
+
+        def corpus():
+            src = source or pipeline.make_source(config.input, config.input.split)
+            return pipeline.source_captions(src, TOKENIZER_CORPUS_IMAGES)
+
+        tokenizer, vocab = None, 0  # I-JEPA (conditioning "none") reads no text
+        if config.model.conditioning != "none":
+            tokenizer = load_or_train_tokenizer(
+                config.tokenizer.model_path or None, workdir, config.tokenizer.vocab_size, corpus)
+            vocab = text_vocab_size(config, tokenizer)
+        models = step_lib.build_models(config, vocab)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise UserError(str(e)) from e
-    return mesh, tokenizer, models
+    return Experiment(mesh, tokenizer, models, source)
 
 
+def text_vocab_size(config, tokenizer: Tokenizer) -> int:
+    """Rows of the text encoder's embedding table: model.text_vocab_size, or the tokenizer's."""
+    rows = int(config.model.get("text_vocab_size", 0)) or tokenizer.vocab_size
+    if tokenizer.vocab_size > rows:
+        raise ValueError(
+            f"The tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but the text "
+            f"encoder's embedding table has model.text_vocab_size={rows} rows, so some ids would "
+            "have no embedding. Set model.text_vocab_size to at least the tokenizer's size (0 uses "
+            "exactly its size; a pretrained T5 has 32128), or use a tokenizer with fewer pieces.")
+    return rows

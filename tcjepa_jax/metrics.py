@@ -47,6 +47,11 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _by_kind(scalars: dict, prefix: str) -> str:
+    kinds = [f"{k[len(prefix):]} {int(v)}" for k, v in sorted(scalars.items()) if k.startswith(prefix)]
+    return f" ({', '.join(kinds)})" if kinds else ""
+
+
 class MetricWriter:
     """Logs a one-line summary to the console and every scalar to TensorBoard (process 0)."""
 
@@ -70,8 +75,10 @@ class MetricWriter:
         if "images_per_s" in scalars:
             line += (f" | {scalars['images_per_s']:.1f} img/s"
                      f" | ETA {_format_eta(scalars['eta_s'])}")
-        if scalars.get("bad_records"):
-            line += f" | bad records {int(scalars['bad_records'])}"
+        if scalars.get("bad_records") or scalars.get("dropped_captions"):
+            line += f" | bad records {int(scalars.get('bad_records', 0))}" + _by_kind(scalars, "bad_records/")
+            line += f", dropped captions {int(scalars.get('dropped_captions', 0))}" + _by_kind(
+                scalars, "dropped_captions/")
         if any(k.startswith("probe") for k in scalars) and "loss" not in scalars:
             return
         logging.info(line)

@@ -36,7 +36,7 @@ def train(config, workdir: str) -> dict:
     """Trains to config.total_steps (resuming if possible); returns the final metrics."""
     os.makedirs(workdir, exist_ok=True)
     logging.info("Run %s in %s.", config.name, os.path.abspath(workdir))
-    mesh, tokenizer, models = setup(config, workdir)
+    mesh, tokenizer, models, source = setup(config, workdir)
     tx = optim.make_optimizer(config)
     shardings = step_lib.state_shardings(models, config, tx, mesh)
     _log_model(config, mesh, models, shardings)
@@ -44,8 +44,9 @@ def train(config, workdir: str) -> dict:
     batch_sharding = shard_lib.batch_sharding(mesh)
 
     data_iter = pipeline.make_train_iterator(
-        config, tokenizer, models.mask_spec,
+        config, tokenizer, models.mask_spec, source=source,
         process_index=jax.process_index(), process_count=jax.process_count())
+    logging.info("Training data: %s, %d worker processes.", source, config.input.workers)
     checkpointer = ckpt_lib.Checkpointer(workdir, config)
     checkpointer.install_sigterm_handler()
 
@@ -76,7 +77,7 @@ def train(config, workdir: str) -> dict:
             last = step == config.total_steps
             if step % config.log_every == 0 or last or step == start_step + 1:
                 metrics = jax.device_get(step_metrics)
-                metrics.update(progress.update(step), bad_records=pipeline.bad_record_count())
+                metrics.update(progress.update(step), **data_iter.counter.metrics())
                 writer.write(step, metrics)
                 if not np.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"Loss is {metrics['loss']} at step {step}.")

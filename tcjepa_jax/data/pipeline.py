@@ -1,16 +1,20 @@
 """The Grain input pipeline: random-access source -> per-host batches of fixed shapes.
 
         range(len(source)) -> shuffle(seed) -> repeat() -> [process_index::process_count]
-            -> map_with_index: read record, RandomResizedCrop, normalize, sample + tokenize captions,
-                  sample masks (None if anything raises: a bad record)
-            -> filter(not None) -> to_iter_dataset(threads, prefetch) -> batch(per-host, drop_remainder)
+            -> map_with_index: read record, decode image, RandomResizedCrop, normalize, clean,
+                  sample and tokenize captions, sample masks; a marker if anything fails
+            -> to_iter_dataset(threads, prefetch)                 | in input.workers processes
+            -> mp_prefetch(input.workers)                          |  (none when 0)
+            -> GoodBatches: drop markers counting them by kind, stack full batches (this process)
 
 The shuffle is index based and reseeded each epoch by `repeat`; shuffling before the host slice
 gives every host a disjoint part of every epoch. The record index comes out of the shuffle, so the
 read sits inside the per-example function and an exception while reading a record is caught like
 one in a transform. All randomness of an example is a pure function of (config.seed, epoch, record
-index), so the stream is reproducible and, through the iterator's get_state()/set_state(),
-resumable. Bad records are skipped (batches stay full) and counted in `BAD_RECORDS`.
+index), and batches are formed after the workers' outputs are merged back in order, so the stream
+is the same for any number of workers and threads, and resumable through the iterator's
+get_state()/set_state(). Bad records are skipped (batches stay full) and counted by kind in the
+iterator's `counter` (data/batching.py), which is checkpointed with the position.
 
 Batch format (b = config.batch_size // process_count):
     image          float32 (b, S, S, 3)   normalized with the ImageNet mean/std
@@ -25,77 +29,17 @@ Batch format (b = config.batch_size // process_count):
 
 from __future__ import annotations
 
-import logging
-import threading
-
 import grain
 import numpy as np
+from absl import flags
 
 from tcjepa_jax import masks
-from tcjepa_jax.data import synthetic
+from tcjepa_jax.data import decode
 from tcjepa_jax.data import transforms
+from tcjepa_jax.data.batching import BadRecordCounter, GoodBatches
+from tcjepa_jax.data.sources import available_sources, make_source  # noqa: F401 (re-exported)
 
-SOURCES = ("synthetic",)  # array_record and tfds come in later issues
 _DATA_STREAM = 0x0DA7A  # keeps example randomness apart from the mask sampler's stream
-_MAX_LOGGED = 5
-
-
-class BadRecordCounter:
-    """Thread-safe count of skipped records, with the last error for logging.
-
-    A few bad records are skipped; a source where most records fail (wrong format, a bug in a
-    custom source) stops the run with the error instead of skipping forever.
-    """
-
-    def __init__(self, give_up_after: int = 100, give_up_fraction: float = 0.5):
-        self._lock = threading.Lock()
-        self.count = self.seen = 0
-        self.last_error = ""
-        self.give_up_after, self.give_up_fraction = give_up_after, give_up_fraction
-
-    def ok(self) -> None:
-        with self._lock:
-            self.seen += 1
-
-    def add(self, index: int, error: BaseException) -> None:
-        with self._lock:
-            self.seen += 1
-            self.count += 1
-            self.last_error = f"record {index}: {type(error).__name__}: {error}"
-            n, seen = self.count, self.seen
-        if n <= _MAX_LOGGED:
-            logging.warning("Skipping bad record (%d so far) %s", n, self.last_error)
-        if n >= self.give_up_after and n > self.give_up_fraction * seen:
-            raise RuntimeError(
-                f"{n} of the first {seen} records failed to load; the data or the source is "
-                f"broken, not a few records. Last error: {self.last_error}") from error
-
-    def reset(self) -> None:
-        with self._lock:
-            self.count, self.seen, self.last_error = 0, 0, ""
-
-
-# Records skipped by every pipeline in this process (read-ahead by prefetch threads included).
-BAD_RECORDS = BadRecordCounter()
-
-
-def bad_record_count() -> int:
-    return BAD_RECORDS.count
-
-
-def make_source(input_cfg, split: str):
-    """The random-access source named by `input_cfg.source` for `split`."""
-    name = input_cfg.source
-    if name == "synthetic":
-        return synthetic.SyntheticScenes(
-                image_size=input_cfg.image_size,
-                seed=input_cfg.get("seed", 0),
-                split=split,
-                size=input_cfg.get("synthetic_size", 1_000_000),
-                min_objects=input_cfg.get("min_objects", 1),
-                max_objects=input_cfg.get("max_objects", 4),
-        )
-    raise ValueError(f"Unknown config.input.source={name!r}; valid sources: {', '.join(SOURCES)}.")
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -103,19 +47,47 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
             np.random.Philox(np.random.SeedSequence([int(seed), int(epoch), int(index), _DATA_STREAM])))
 
 
-class TrainExample:
-    """map_with_index transform: (position in this host's stream, record index) -> example | None."""
+def record_image(record: dict) -> np.ndarray:
+    """The record's image as uint8 (H, W, 3): encoded bytes are decoded here, in the worker."""
+    image = record.get("image")
+    if image is None or isinstance(image, (bytes, bytearray, memoryview)):
+        return decode.decode_image(bytes(image) if image is not None else b"")
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise decode.BadRecord("bad_image_array",
+                               f"expected uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    if not image.size:
+        raise decode.BadRecord("zero_size_image", f"image of shape {image.shape}")
+    return image
 
-    def __init__(self, source, config, tokenizer, mask_spec, process_index, process_count,
-                              counter: BadRecordCounter):
+
+def record_captions(record: dict, require: bool) -> tuple[list[str], dict]:
+    """Cleaned caption sentences and the counts of dropped ones, by kind.
+
+    A record without usable captions is a BadRecord when `require` (input.skip_uncaptioned);
+    otherwise it trains with no caption, i.e. its predictor pass is unconditioned.
+    """
+    raw = record.get("captions")
+    captions, dropped = decode.clean_captions(raw)
+    if not captions and require:
+        if raw is None:
+            raise decode.BadRecord("missing_captions", f"id {record.get('id')!r} has no captions")
+        raise decode.BadRecord("no_valid_captions", f"id {record.get('id')!r}: {dict(dropped)}")
+    return captions, dict(dropped)
+
+
+class TrainExample:
+    """map_with_index transform: (position in this host's stream, record index) -> example | marker."""
+
+    def __init__(self, source, config, tokenizer, mask_spec, process_index, process_count):
         self.source, self.tokenizer, self.mask_spec = source, tokenizer, mask_spec
         self.seed = int(config.seed)
         self.image_size = int(config.input.image_size)
         self.crop_scale = tuple(config.input.crop_scale)
         self.num_captions = int(config.input.num_captions)
         self.max_len = int(config.input.max_caption_len)
+        self.require_captions = bool(config.input.get("skip_uncaptioned", True))
         self.process_index, self.process_count = process_index, process_count
-        self.counter = counter
         self.epoch_size = len(source)
 
     def __call__(self, position: int, record_index: int):
@@ -123,26 +95,45 @@ class TrainExample:
         epoch = global_position // self.epoch_size
         record_index = int(record_index)
         try:
-            example = self.process(self.source[record_index], record_index, epoch)
+            return self.process(self.source[record_index], record_index, epoch)
         except Exception as e:  # pylint: disable=broad-except
-            self.counter.add(record_index, e)
-            return None
-        self.counter.ok()
-        return example
+            kind = e.kind if isinstance(e, decode.BadRecord) else f"error_{type(e).__name__}"
+            return {"skipped": kind, "error": str(e)[:500], "index": record_index}
 
     def process(self, record: dict, index: int, epoch: int) -> dict:
         rng = example_rng(self.seed, epoch, index)
-        image = transforms.random_resized_crop(record["image"], rng, self.image_size, self.crop_scale)
-        captions, caption_valid = transforms.sample_captions(record["captions"], rng, self.num_captions)
-        text_ids, text_mask = self.tokenizer.encode(captions, self.max_len)
+        image = transforms.random_resized_crop(record_image(record), rng, self.image_size,
+                                               self.crop_scale)
+        if self.tokenizer is None:  # I-JEPA: no text; the step ignores these fields
+            text_ids = np.zeros((self.num_captions, self.max_len), np.int32)
+            text_mask, caption_valid, dropped = text_ids != 0, np.zeros(self.num_captions, bool), {}
+        else:
+            sentences, dropped = record_captions(record, self.require_captions)
+            captions, caption_valid = transforms.sample_captions(sentences, rng, self.num_captions)
+            text_ids, text_mask = self.tokenizer.encode(captions, self.max_len)
         m = masks.sample_masks(self.mask_spec, self.seed, index, epoch)
-        return {
+        example = {
                 "image": transforms.normalize(image),
                 "text_ids": text_ids,          # int32 and bool from Tokenizer.encode,
                 "text_mask": text_mask,        # and the masks' dtypes from sample_masks
                 "caption_valid": caption_valid,
                 **m,
         }
+        if dropped:
+            example["dropped_captions"] = dropped  # counted and removed by GoodBatches
+        return example
+
+
+def source_captions(source, num_images: int):
+    """Yields the clean caption sentences of up to `num_images` records spread over `source`
+    (a tokenizer's training corpus). Records that fail to read are skipped."""
+    n = len(source)
+    for index in np.unique(np.linspace(0, n - 1, min(num_images, n)).astype(np.int64)):
+        try:
+            record = source[int(index)]
+        except Exception:  # pylint: disable=broad-except
+            continue
+        yield from decode.clean_captions(record.get("captions"))[0]
 
 
 def per_host_batch_size(config, process_count: int) -> int:
@@ -154,28 +145,38 @@ def per_host_batch_size(config, process_count: int) -> int:
 
 
 def make_train_dataset(config, tokenizer, mask_spec, *, process_index: int = 0,
-                                              process_count: int = 1, source=None,
-                                              counter: BadRecordCounter | None = None) -> grain.IterDataset:
+                       process_count: int = 1, source=None,
+                       counter: BadRecordCounter | None = None) -> GoodBatches:
     """This host's infinite stream of training batches (see the module docstring).
 
-    Returns a grain.IterDataset (not a MapDataset: skipping bad records needs the iterator's
-    filtering). `source` overrides make_source(config.input, "train") (tests, custom data).
+    `source` overrides make_source(config.input, config.input.split) (tests, custom data);
+    `counter` overrides the iterator's own BadRecordCounter (tests).
     """
     batch = per_host_batch_size(config, process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
-    src = make_source(config.input, "train") if source is None else source
-    fn = TrainExample(src, config, tokenizer, mask_spec, process_index, process_count,
-                                        BAD_RECORDS if counter is None else counter)
+    src = make_source(config.input, config.input.get("split", "train")) if source is None else source
+    if not len(src):
+        raise ValueError(f"The training source {src!r} has no records.")
+    fn = TrainExample(src, config, tokenizer, mask_spec, process_index, process_count)
     ds = grain.MapDataset.range(len(src)).shuffle(seed=int(config.seed) % 2**32).repeat(None)
-    ds = ds[process_index::process_count].map_with_index(fn).filter(lambda x: x is not None)
+    ds = ds[process_index::process_count].map_with_index(fn)
+    prefetch = max(int(config.input.get("prefetch", 2)), 1) * batch
+    workers = int(config.input.get("workers", 0))
     read = grain.ReadOptions(num_threads=int(config.input.get("num_threads", 2)),
-                                                      prefetch_buffer_size=max(int(config.input.get("prefetch", 2)), 1) * batch)
-    return ds.to_iter_dataset(read).batch(batch, drop_remainder=True)
+                             prefetch_buffer_size=prefetch // max(workers, 1))
+    ds = ds.to_iter_dataset(read)
+    if workers > 0:
+        if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags (notebooks, tests)
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=max(prefetch // workers, 1)))
+    return GoodBatches(ds, batch, counter)
 
 
-def make_train_iterator(config, tokenizer, mask_spec, **kwargs) -> grain.DatasetIterator:
-    """Iterator over make_train_dataset(...); get_state()/set_state() checkpoint its position."""
+def make_train_iterator(config, tokenizer, mask_spec, **kwargs):
+    """Iterator over make_train_dataset(...): get_state()/set_state() checkpoint its position
+    and its bad-record counts; `.counter` holds the counts."""
     return iter(make_train_dataset(config, tokenizer, mask_spec, **kwargs))
 
 
@@ -185,6 +186,9 @@ def load_probe_arrays(config, split: str, num_examples: int) -> dict[str, np.nda
     Returns image float32 (n, S, S, 3) normalized at config.input.image_size, label_count,
     label_shape, label_color int32 (n,), segmentation uint8 (n, S, S).
     """
+    if config.input.source != "synthetic":
+        raise ValueError("The built-in linear probes read the synthetic scenes' labels; set "
+                         f"probe.enabled=False for input.source={config.input.source!r}.")
     src = make_source(config.input, split)
     size = int(config.input.image_size)
     if num_examples > len(src):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import tempfile
@@ -25,12 +26,16 @@ class Tokenizer:
 
     def _load(self, proto: bytes) -> None:
         self._proto = proto
-        self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        except Exception as e:  # sentencepiece raises RuntimeError or OSError on a bad proto
+            raise ValueError(f"{self.model_path} is not a SentencePiece model ({e}).") from None
         if (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id()) != (PAD_ID, EOS_ID, UNK_ID):
             raise ValueError(
                     f"Tokenizer {self.model_path} does not follow T5 conventions (pad=0, eos=1, unk=2); got "
                     f"pad={self._sp.pad_id()}, eos={self._sp.eos_id()}, unk={self._sp.unk_id()}. "
-                    "Retrain it with tcjepa_jax.data.tokenizer.train_tokenizer.")
+                    "Use T5's spiece.model, or train one on your captions with "
+                    "`python -m tcjepa_jax.tools.train_tokenizer` (it follows these conventions).")
 
     def __getstate__(self):
         return {"model_path": self.model_path, "proto": self._proto}
@@ -113,5 +118,11 @@ def load_or_train_tokenizer(model_path: str | None, workdir: str, vocab_size: in
         return Tokenizer(model_path)
     path = os.path.join(workdir, "tokenizer.model")
     if not os.path.exists(path):
-        train_tokenizer(sentences_fn(), os.path.join(workdir, "tokenizer"), vocab_size)
+        sentences = iter(sentences_fn())
+        first = next(sentences, None)
+        if first is None:
+            raise ValueError("The training data has no captions to train a tokenizer on; set "
+                             "tokenizer.model_path, or give the data captions (input.caption_file).")
+        train_tokenizer(itertools.chain([first], sentences), os.path.join(workdir, "tokenizer"),
+                        vocab_size)
     return Tokenizer(path)

@@ -6,6 +6,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -55,9 +56,15 @@ def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, out_size: int,
                                                 scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-    """Random crop (torchvision semantics) resized to (out_size, out_size); float32 in [0, 255]."""
+    """Random crop (torchvision semantics) resized to (out_size, out_size); float32 in [0, 255].
+
+    Pillow's bilinear resize of the crop box, antialiased when shrinking, as torchvision's
+    RandomResizedCrop on PIL images (the I-JEPA reference) does; it also reads only the box.
+    """
     top, left, h, w = crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
-    return resize_bilinear(image[top:top + h, left:left + w], out_size, out_size)
+    resized = Image.fromarray(np.asarray(image, np.uint8)).resize(
+            (out_size, out_size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    return np.asarray(resized, np.float32)
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
