@@ -1,7 +1,7 @@
 """Shared defaults for every tcjepa_jax config.
 
 A config file imports `get_base_config()` and overrides what its experiment needs. Every choice
-METHOD.md calls open is a field here, so a sweep can change it.
+docs/method.md calls open is a field here, so a sweep can change it.
 """
 
 import ml_collections
@@ -58,7 +58,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.tokenizer.model_path = ""
     config.tokenizer.vocab_size = 1000  # used only when training a tokenizer
 
-    # ---- Masks (METHOD.md section 4, I-JEPA defaults) -----------------------------------------
+    # ---- Masks (docs/method.md, I-JEPA defaults) -----------------------------------------
     config.masks = ml_collections.ConfigDict()
     config.masks.num_targets = 4
     config.masks.target_scale = (0.15, 0.2)
@@ -74,8 +74,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.remat = False
     config.model.predictor_width = 384
     config.model.predictor_depth = 6
-    config.model.predictor_heads = 12   # METHOD.md: equal to the encoder's
-    # The paper's ablations (METHOD.md section 5): all | first | caption | none (= I-JEPA).
+    config.model.predictor_heads = 12   # docs/method.md: equal to the encoder's
+    # The paper's ablations (docs/method.md): all | first | caption | none (= I-JEPA).
     config.model.conditioning = "all"
     config.model.cond_mlp_ratio = 1.0   # the conditioner's "light" MLP
     config.model.text = "base"          # T5_SIZES name
@@ -84,13 +84,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.text_vocab_size = 0
     config.model.dtype = "bfloat16"     # compute dtype; parameters stay float32
 
-    # ---- Loss (METHOD.md section 3) ------------------------------------------------------------
+    # ---- Loss (docs/method.md) ------------------------------------------------------------
     config.loss = ml_collections.ConfigDict()
     config.loss.pred = "smooth_l1"      # smooth_l1 (I-JEPA code) | l2 (per-patch L2 norm, paper)
     config.loss.sparse_weight = 0.1     # lambda
     config.loss.consistency_weight = 0.5  # beta
 
-    # ---- Optimisation (METHOD.md section 6) ----------------------------------------------------
+    # ---- Optimisation (docs/method.md) ----------------------------------------------------
     config.optim = ml_collections.ConfigDict()
     config.optim.lr_start = 1e-4
     config.optim.lr_peak = 1e-3
@@ -127,7 +127,7 @@ def epochs_to_steps(epochs: float, num_examples: int, batch_size: int) -> int:
     return int(round(epochs * num_examples / batch_size))
 
 
-# ---- Paper runs (METHOD.md section 6) ----------------------------------------------------------
+# ---- Paper runs (docs/method.md) ----------------------------------------------------------
 
 # Examples per epoch of the paper's datasets.
 DATASET_SIZES = {
@@ -177,9 +177,9 @@ def paper_config(arg: str, *, name: str, encoder: str, dataset: str, epochs: int
 
     config.model.encoder = encoder
     config.model.predictor_depth = PREDICTOR_DEPTH[size]
-    config.model.predictor_heads = vit_config(encoder)["num_heads"]  # METHOD.md: as the encoder
+    config.model.predictor_heads = vit_config(encoder)["num_heads"]  # docs/method.md: as the encoder
     config.model.remat = size in ("H", "G")
-    config.model.text = "base"          # T5 size is not stated in the paper (METHOD.md)
+    config.model.text = "base"          # T5 size is not stated in the paper (docs/method.md)
     config.model.conditioning = "none" if "ijepa" in args else "all"
     config.mesh = (("data", 1), ("fsdp", -1)) if size in ("H", "G") else (("data", -1), ("fsdp", 1))
     config.probe.enabled = False        # the probes below are for the synthetic scenes

@@ -1,10 +1,19 @@
-"""TC-JEPA paper run: image-text (CC12M+YFCC15M) ViT-L/14, 50 epochs (METHOD.md section 6).
+"""TC-JEPA paper run: image-text (CC12M+YFCC15M) ViT-L/14, 50 epochs (docs/method.md).
 
     python -m tcjepa_jax.train --config=configs/imagetext_vit_l14.py            # TC-JEPA
     python -m tcjepa_jax.train --config=configs/imagetext_vit_l14.py:ijepa      # its I-JEPA baseline
     python -m tcjepa_jax.train --config=configs/imagetext_vit_l14.py:runlocal   # the recipe, tiny, on CPU
 
-The full run needs the dataset ("cc12m_yfcc15m") and a TPU/GPU slice; runlocal trains the same recipe
+Data: ArrayRecord shards in data/cc12m and data/yfcc15m, read as one dataset (docs/data.md),
+each from a folder of downloaded images plus its caption file:
+         python -m tcjepa_jax.tools.make_dataset --images=PATH/TO/cc12m --captions=cc12m.jsonl \
+             --out=data/cc12m
+         python -m tcjepa_jax.tools.make_dataset --images=PATH/TO/yfcc15m --captions=yfcc15m.jsonl \
+             --out=data/yfcc15m
+Without the shards, training stops at once with one message saying no shards were found there
+(point --config.input.data_dir elsewhere if they live elsewhere, e.g. gs://...).
+
+The full run needs a TPU/GPU slice; runlocal trains the same recipe
 shrunk to a 64 px synthetic-scene model for 30 steps (about a minute on 2 CPU cores), loss falling.
 """
 

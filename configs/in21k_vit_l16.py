@@ -1,10 +1,17 @@
-"""TC-JEPA paper run: IN-21k ViT-L/16, 90 epochs (the paper does not state the length) (METHOD.md section 6).
+"""TC-JEPA paper run: IN-21k ViT-L/16, 90 epochs (the paper does not state the length) (docs/method.md).
 
     python -m tcjepa_jax.train --config=configs/in21k_vit_l16.py            # TC-JEPA
     python -m tcjepa_jax.train --config=configs/in21k_vit_l16.py:ijepa      # its I-JEPA baseline
     python -m tcjepa_jax.train --config=configs/in21k_vit_l16.py:runlocal   # the recipe, tiny, on CPU
 
-The full run needs the dataset ("imagenet21k") and a TPU/GPU slice; runlocal trains the same recipe
+Data: ArrayRecord shards in data/imagenet21k (docs/data.md), from a folder of class
+subfolders (labels from the folder names) and a caption file:
+         python -m tcjepa_jax.tools.make_dataset --images=PATH/TO/imagenet21k/train \
+             --label_from=dirname --captions=data/captions/imagenet21k.jsonl --out=data/imagenet21k
+Without the shards, training stops at once with one message saying no shards were found there
+(point --config.input.data_dir elsewhere if they live elsewhere, e.g. gs://...).
+
+The full run needs a TPU/GPU slice; runlocal trains the same recipe
 shrunk to a 64 px synthetic-scene model for 30 steps (about a minute on 2 CPU cores), loss falling.
 """
 

@@ -1,4 +1,4 @@
-"""I-JEPA multi-block mask sampler with static shapes (METHOD.md section 4).
+"""I-JEPA multi-block mask sampler with static shapes (docs/method.md).
 
 Per example we draw `num_targets` rectangular target blocks and one context block,
 then remove every target patch from the context so the context encoder never

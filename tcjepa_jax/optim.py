@@ -1,4 +1,4 @@
-"""Optimizer and schedules (METHOD.md section 6), all built from optax.
+"""Optimizer and schedules (docs/method.md), all built from optax.
 
 AdamW with linear warm-up + cosine learning rate, a cosine weight-decay ramp (0.04 -> 0.4) that
 skips biases and other 1-D parameters, and the EMA momentum ramp of the target encoder.

@@ -1,4 +1,4 @@
-"""The TC-JEPA model bundle, its train state and the pure train step (METHOD.md section 3).
+"""The TC-JEPA model bundle, its train state and the pure train step (docs/method.md).
 
 Everything here is a pure function of (params, inputs); `train.py` owns the loop, the mesh and
 the I/O. The parameter tree is {"encoder", "predictor", "text"}; "text" exists only when the

@@ -1,4 +1,4 @@
-"""Statistics and contracts of the multi-block mask sampler (METHOD.md section 4)."""
+"""Statistics and contracts of the multi-block mask sampler (docs/method.md)."""
 
 import dataclasses
 

@@ -43,12 +43,13 @@ class TinyCaptions(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, disable_shuffling=True, features=tfds.features.FeaturesDict({
+        features = tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
                 "captions": tfds.features.Sequence(tfds.features.Text()),
                 "id": tfds.features.Text(),
                 "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-        }))
+        })
+        return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
         del dl_manager

@@ -53,9 +53,9 @@ def decode_image(data: bytes) -> np.ndarray:
     zero_size_image (width or height 0). The whole image is decoded here (img.load()), so a
     truncated file fails now rather than as a grey band later.
     """
-    if data is None or len(data) == 0:
-        raise BadRecord("empty_image", "the image data is empty (0 bytes)")
     try:
+        if data is None or len(data) == 0:
+            raise BadRecord("empty_image", "the image data is empty (0 bytes)")
         with Image.open(io.BytesIO(data)) as img:
             if img.width == 0 or img.height == 0:
                 raise BadRecord("zero_size_image", f"the image is {img.width}x{img.height} pixels")
@@ -65,17 +65,17 @@ def decode_image(data: bytes) -> np.ndarray:
         raise
     except Image.DecompressionBombError as e:
         raise BadRecord("undecodable_image", str(e)) from None
-    except Exception as e:  # pylint: disable=broad-except
-        message = f"{type(e).__name__}: {e}"
-        kind = "truncated_image" if "truncat" in str(e).lower() else "undecodable_image"
-        raise BadRecord(kind, message) from None
+    except Exception as e:  # pylint: disable=broad-except  # decoders raise many types
+        truncated = isinstance(e, OSError) and "truncated" in str(e).lower()
+        raise BadRecord("truncated_image" if truncated else "undecodable_image",
+                        f"{type(e).__name__}: {e}") from None
 
 
 def _apply_orientation(img: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(img)
-    except Exception:  # pylint: disable=broad-except  # a broken EXIF block: keep the pixels as stored
-        return img
+    except Exception:  # pylint: disable=broad-except
+        return img  # a broken EXIF block: keep the pixels as stored
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

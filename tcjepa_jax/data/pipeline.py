@@ -163,8 +163,9 @@ def make_train_dataset(config, tokenizer, mask_spec, *, process_index: int = 0,
     ds = ds[process_index::process_count].map_with_index(fn)
     prefetch = max(int(config.input.get("prefetch", 2)), 1) * batch
     workers = int(config.input.get("workers", 0))
-    read = grain.ReadOptions(num_threads=int(config.input.get("num_threads", 2)),
-                             prefetch_buffer_size=prefetch // max(workers, 1))
+    threads = int(config.input.get("num_threads", 2))
+    read = grain.ReadOptions(num_threads=threads,
+                             prefetch_buffer_size=max(prefetch // max(workers, 1), threads))
     ds = ds.to_iter_dataset(read)
     if workers > 0:
         if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags (notebooks, tests)

@@ -1,4 +1,4 @@
-"""Linear probes on frozen features (METHOD.md section 7).
+"""Linear probes on frozen features (docs/method.md).
 
 Image-level tasks probe the average-pooled patch tokens; the "patch" task probes every patch
 token for the label of the object covering it (a dense probe). The probe is a multinomial

@@ -1,4 +1,4 @@
-"""I-JEPA predictor with the TC-JEPA text conditioner (METHOD.md sections 2 and 5).
+"""I-JEPA predictor with the TC-JEPA text conditioner (docs/method.md sections 2 and 5).
 
 Per predictor layer: a pre-LN self-attention block over [context tokens, mask tokens], then the
 text conditioner: every token cross-attends to each caption's words, and the per-caption results
@@ -80,7 +80,7 @@ class TextConditioner(nn.Module):
 
 
 def text_penalties(os: list, token_valid, text_mask, caption_valid) -> dict:
-    """L_sparse, L_consistency and per-layer O statistics (METHOD.md section 5).
+    """L_sparse, L_consistency and per-layer O statistics (docs/method.md).
 
     os: per conditioned layer O (B,N,T,S); token_valid (B,T); text_mask (B,N,S);
     caption_valid (B,N). Means run over valid (token, caption) pairs of the whole batch.
