@@ -99,6 +99,33 @@ def test_tokenizer_vocab_too_large_and_load_or_train(tmp_path):
     assert len(calls) == 1 and t2.vocab_size == t1.vocab_size
 
 
+def test_tokenizer_refused_before_compiling(tmp_path):
+    """A tokenizer without T5's ids, or larger than the embedding table, is a UserError in setup."""
+    import sentencepiece as spm
+    from configs import synthetic_tiny
+    from tcjepa_jax.config_lib import UserError
+    from tcjepa_jax.experiment import setup
+    prefix = str(tmp_path / "plain")
+    spm.SentencePieceTrainer.train(  # SentencePiece's own defaults: unk 0, bos 1, eos 2
+            sentence_iterator=synthetic.iter_captions(0, 100), model_prefix=prefix, vocab_size=60,
+            minloglevel=2)
+    config = synthetic_tiny.get_config("smoke")
+    config.tokenizer.model_path = prefix + ".model"
+    with pytest.raises(UserError, match="T5 conventions"):
+        setup(config, str(tmp_path / "a"))
+    config.tokenizer.model_path = tok_lib.train_tokenizer(
+            synthetic.iter_captions(0, 150), str(tmp_path / "t5ids"), 64)
+    config.model.text_vocab_size = 32
+    with pytest.raises(UserError, match="text_vocab_size=32"):
+        setup(config, str(tmp_path / "b"))
+    config.model.text_vocab_size = 100  # a larger table (e.g. T5's 32128 rows) is fine
+    assert setup(config, str(tmp_path / "c")).models.text.vocab_size == 100
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    config.tokenizer.model_path = str(tmp_path / "junk.model")
+    with pytest.raises(UserError, match="not a SentencePiece model"):
+        setup(config, str(tmp_path / "d"))
+
+
 # --- transforms ----------------------------------------------------------------------------------
 
 def test_transforms():
