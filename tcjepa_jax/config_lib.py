@@ -49,6 +49,9 @@ def validate_config(config) -> None:
     _check(config.input.get("workers", 0) >= 0 and config.input.get("num_threads", 1) >= 0,
            "input.workers and input.num_threads must be >= 0.")
     _check(config.model.get("text_vocab_size", 0) >= 0, "model.text_vocab_size must be >= 0.")
+    _check(not config.probe.enabled or config.input.source == "synthetic",
+           "probe.enabled=True runs the built-in probes, which read the synthetic scenes' labels; "
+           f"set probe.enabled=False to train on input.source={config.input.source!r}.")
     if config.model.conditioning != "none" and config.input.source == "tfds":
         _check(bool(config.input.caption_key or config.input.caption_file),
                f"model.conditioning={config.model.conditioning!r} needs captions, but TFDS dataset "

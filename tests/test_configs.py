@@ -67,6 +67,7 @@ def test_unknown_config_argument_is_an_error():
     ("input.source", "imagenet", "input.source"),
     ("input.crop_scale", (0.5, 0.2), "input.crop_scale"),
     ("loss.pred", "l1", "loss.pred"),
+    ("input.source", "array_record", "probe.enabled"),
 ])
 def test_validation_names_the_field(field, value, message):
     config = importlib.import_module("configs.synthetic_tiny").get_config("")

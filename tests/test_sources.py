@@ -8,6 +8,8 @@ shards written by other tools or damaged later.
 
 import io
 import os
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -273,6 +275,30 @@ def test_training_on_tfds(test_train_tokenizer_path, tmp_path, keep_sigterm_hand
     assert record["label"] == by_id[record["id"]][2]
     metrics = train_lib.train(config, str(tmp_path / "run"))
     assert np.isfinite(metrics["loss"]) and metrics["bad_records"] == 0
+
+    # A caption file joined on the id feature replaces the dataset's own captions.
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"id": "img_003.png", "captions": ["from the caption file."]}\n')
+    config.input.caption_file = str(captions)
+    source = pipeline.make_source(config.input, "train")
+    assert [source[i]["captions"] for i in range(20) if source[i]["id"] == "img_003.png"] == [
+        ["from the caption file."]]
+    assert sum(source[i]["captions"] is None for i in range(20)) == 19
+
+
+def test_train_tokenizer_on_array_record_captions(shards, tmp_path):
+    """tools/train_tokenizer --config reads the captions of any source."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [test_train.REPO, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(
+        [sys.executable, "-m", "tcjepa_jax.tools.train_tokenizer",
+         "--config=configs/synthetic_tiny.py", "--config.input.source=array_record",
+         f"--config.input.data_dir={shards}", "--config.probe.enabled=False", "--vocab_size=40",
+         f"--out={tmp_path / 'tok'}"], cwd=test_train.REPO, env=env, capture_output=True,
+        text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokenizer = Tokenizer(str(tmp_path / "tok.model"))
+    assert tokenizer.decode(tokenizer.encode(["record 12."], 16)[0][0]) == "record 12."
 
 
 def test_tfds_user_errors(tmp_path):

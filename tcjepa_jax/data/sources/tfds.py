@@ -5,121 +5,138 @@
     input.data_dir      the TFDS data_dir ("" = TFDS's default, ~/tensorflow_datasets or $TFDS_DATA_DIR)
     input.image_key     the image feature (kept as encoded bytes, decoded in the worker)
     input.caption_key   a text or sequence-of-text feature with the captions ("" = none)
-    input.id_key        the feature with the image id or file name ("" = none)
+    input.id_key        the feature with the image id or file name ("" = the example's index)
     input.label_key     an integer label feature ("" = none)
-    input.caption_file  JSONL captions joined on the id feature (see docs/data.md)
+    input.caption_file  JSONL captions joined on the id (see docs/data.md)
 
 Nested features are named with "/" (e.g. "captions/text" in coco_captions). Nothing is
-downloaded: a dataset that is not prepared in data_dir is a clear error.
+downloaded: a dataset that is not prepared in data_dir is a clear error. check_tfds and
+TfdsReader also serve `tools/make_dataset --tfds`, which names the same settings by its flags.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from tcjepa_jax.data.captions import CaptionFile
+from tcjepa_jax.data.decode import BadRecord
+
+# How check_tfds names each setting in its messages, by default the config fields.
+CONFIG_NAMES = {"name": "input.tfds_name", "split": "input.split", "data_dir": "input.data_dir",
+                "image_key": "input.image_key", "id_key": "input.id_key",
+                "label_key": "input.label_key", "caption_key": "input.caption_key"}
 
 
-def _lookup(tree, key: str):
-    for part in key.split("/"):
-        tree = tree[part]
-    return tree
+# ---- Checks before any work: every failure is one message for the user --------------------
 
-
-def _feature_names(features, prefix: str = "") -> list[str]:
-    """All feature paths of a FeaturesDict, nested ones as "a/b"."""
+def check_tfds(name: str, split: str, data_dir: str, keys: dict, names: dict = CONFIG_NAMES):
+    """Checks that split `split` of `name` is prepared for random access in `data_dir` and has
+    the features `keys` ({"image_key": "image", ...}). Returns (number of examples, the label
+    feature's class names or None). Raises ValueError naming the setting with `names`."""
+    # pylint: disable=import-outside-toplevel  # TFDS (and TensorFlow) only when used
     import tensorflow_datasets as tfds
-    names = []
-    items = features.items() if hasattr(features, "items") else []
-    for name, feature in items:
-        names.append(prefix + name)
-        inner = feature.feature if isinstance(feature, tfds.features.Sequence) else feature
-        if isinstance(inner, tfds.features.FeaturesDict):
-            names += _feature_names(inner, prefix + name + "/")
-    return names
+    from tensorflow_datasets.core.registered import DatasetNotFoundError
+    if not name:
+        raise ValueError(f"{names['name']} is empty: name a TFDS dataset, e.g. imagenet2012.")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except DatasetNotFoundError:
+        where = f" and is not prepared in {data_dir}" if data_dir else ""
+        raise ValueError(f"{names['name']}={name}: no such TFDS dataset (it is not in the TFDS "
+                         f"catalog{where}).") from None
+    except Exception as e:  # pylint: disable=broad-except  # bad config or version in the name
+        raise ValueError(f"{names['name']}={name}: {type(e).__name__}: {_first_line(e)}") from None
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"TFDS dataset {name} is not prepared in {builder.data_dir}. Prepare it first, e.g. "
+            f"`tfds build {name} --file_format=array_record --data_dir=DIR` (ImageNet needs its "
+            f"manual download), and set {names['data_dir']}=DIR; nothing is downloaded here.")
+    info = builder.info
+    if not info.available_file_formats() & tfds.core.file_adapters.FileFormat.with_random_access():
+        raise ValueError(f"TFDS dataset {name} is prepared as {info.file_format.value}, which has "
+                         "no random access; prepare it again with --file_format=array_record.")
+    label_names = None
+    for key_name, key in keys.items():
+        if not key:
+            continue
+        feature = _feature(info.features, key, f"{names[key_name]}={key}", name)
+        if key_name == "image_key" and not isinstance(feature, tfds.features.Image):
+            raise ValueError(f"{names[key_name]}={key} is a {type(feature).__name__} feature of "
+                             f"{name}, not an Image.")
+        if key_name == "label_key" and isinstance(feature, tfds.features.ClassLabel):
+            label_names = list(feature.names)
+    try:
+        num_examples = info.splits[split].num_examples
+    except Exception as e:  # pylint: disable=broad-except  # an unknown split, most likely
+        raise ValueError(f"{names['split']}={split}: {_first_line(e)} (splits of {name}: "
+                         f"{', '.join(info.splits)}).") from None
+    if not num_examples:
+        raise ValueError(f"TFDS dataset {name}, split {split} has no examples.")
+    return num_examples, label_names
 
 
-def _text(value) -> str | bytes:
-    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+# ---- Reading ---------------------------------------------------------------------------------
+
+class TfdsReader:
+    """Reads one example by index; opens the data source lazily in each process (picklable)."""
+
+    def __init__(self, name, split, data_dir, image_key, id_key="", label_key="", caption_key=""):
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self.image_key, self.id_key = image_key, id_key
+        self.label_key, self.caption_key = label_key, caption_key
+        self._source = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+    def source(self):
+        if self._source is None:
+            import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+            decoders = tfds.decode.SkipDecoding()  # keep the image's encoded bytes
+            for part in reversed(self.image_key.split("/")):
+                decoders = {part: decoders}
+            self._source = tfds.data_source(self.name, split=self.split,
+                                            data_dir=self.data_dir or None, download=False,
+                                            decoders=decoders)
+        return self._source
+
+    def read(self, index: int):
+        """(id, encoded image bytes, label or None, captions or None) of example `index`."""
+        example = self.source()[index]
+        image = bytes(_walk(example, self.image_key))
+        key = _as_id(_walk(example, self.id_key)) if self.id_key else str(index)
+        label = int(_walk(example, self.label_key)) if self.label_key else None
+        captions = None
+        if self.caption_key:
+            captions = _walk(example, self.caption_key)
+            if isinstance(captions, np.ndarray):
+                captions = captions.tolist()
+            elif isinstance(captions, (bytes, str)):
+                captions = [captions]
+            else:
+                captions = list(captions)
+        return key, image, label, captions
 
 
 class TfdsSource:
-    """Records of one TFDS split; the data source is opened lazily in each process."""
+    """Training records of one TFDS split; captions from a caption feature or a caption file."""
 
-    def __init__(self, name: str, split: str, data_dir: str, image_key: str, caption_key: str = "",
-                 id_key: str = "", label_key: str = "", caption_file: str = ""):
-        self.name, self.split, self.data_dir = name, split, data_dir or None
-        self.image_key, self.caption_key = image_key, caption_key
-        self.id_key, self.label_key = id_key, label_key
-        self._check()
+    def __init__(self, reader: TfdsReader, num_examples: int, caption_file: str = ""):
+        self.reader, self._len = reader, num_examples
         self.caption_file = CaptionFile(caption_file) if caption_file else None
-        self._source = None
-        self._len = len(self._open())
-
-    # ---- Checks before any training: every failure here is a message for the user ------------
-    def _check(self):
-        import tensorflow_datasets as tfds
-        if not self.name:
-            raise ValueError("input.source='tfds' needs input.tfds_name (e.g. 'imagenet2012').")
-        try:
-            builder = tfds.builder(self.name, data_dir=self.data_dir)
-        except Exception as e:  # DatasetNotFoundError and friends; their text lists close names
-            raise ValueError(f"input.tfds_name={self.name!r}: {type(e).__name__}: {e}") from None
-        if not builder.is_prepared():
-            raise FileNotFoundError(
-                f"TFDS dataset {self.name!r} is not prepared in data_dir {builder.data_dir!r}. "
-                f"Prepare it (`tfds build {self.name} --file_format=array_record`, or the "
-                "dataset's manual-download instructions), or set input.data_dir to where it is.")
-        file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
-        if "array_record" not in file_format:
-            raise ValueError(
-                f"TFDS dataset {self.name!r} in {builder.data_dir} is stored as {file_format!r}; "
-                "random access needs ArrayRecord. Rebuild it with --file_format=array_record, or "
-                "convert it with `python -m tcjepa_jax.tools.make_dataset --tfds=...`.")
-        features = _feature_names(builder.info.features)
-        for field in ("image_key", "caption_key", "id_key", "label_key"):
-            key = getattr(self, field)
-            if key and key not in features:
-                raise ValueError(f"input.{field}={key!r} is not a feature of TFDS dataset "
-                                 f"{self.name!r}; its features are {features}.")
-
-    def _open(self):
-        if self._source is None:
-            import tensorflow_datasets as tfds
-            try:
-                self._source = tfds.data_source(
-                    self.name, split=self.split, data_dir=self.data_dir, download=False,
-                    decoders={self.image_key: tfds.decode.SkipDecoding()})
-            except Exception as e:
-                raise ValueError(f"input.tfds_name={self.name!r}, input.split={self.split!r}: "
-                                 f"{type(e).__name__}: {e}") from None
-        return self._source
-
-    # ---- Pickling: Grain workers reopen the source themselves ---------------------------------
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_source"} | {"_source": None}
 
     def __len__(self) -> int:
         return self._len
 
     def __repr__(self) -> str:
-        return f"TfdsSource({self.name!r}, split={self.split!r}, {self._len} records)"
+        return f"TfdsSource({self.reader.name!r}, split={self.reader.split!r}, {self._len} records)"
 
     def __getitem__(self, index: int) -> dict:
-        example = self._open()[int(index)]
-        record = {"image": _text(_lookup(example, self.image_key)), "label": -1,
-                  "id": f"{self.name}/{self.split}/{int(index)}"}
-        if self.id_key:
-            value = _text(_lookup(example, self.id_key))
-            record["id"] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-        if self.label_key:
-            record["label"] = int(_lookup(example, self.label_key))
+        key, image, label, captions = self.reader.read(int(index))
         if self.caption_file is not None:
-            record["captions"] = self.caption_file.get(record["id"])  # None: id not in the file
-        elif self.caption_key:
-            value = _text(_lookup(example, self.caption_key))
-            record["captions"] = [value] if isinstance(value, (str, bytes)) else list(value)
-        else:
-            record["captions"] = None
-        return record
+            captions = self.caption_file.get(key)  # None: the id is not in the file
+        return {"id": key, "image": image, "label": -1 if label is None else label,
+                "captions": captions}
 
 
 def make(input_cfg, split: str) -> TfdsSource:
@@ -127,6 +144,60 @@ def make(input_cfg, split: str) -> TfdsSource:
     if caption_file and not input_cfg.get("id_key", ""):
         raise ValueError("input.caption_file is joined on the image id: set input.id_key to the "
                          "TFDS feature holding it (e.g. 'file_name' for imagenet2012).")
-    return TfdsSource(input_cfg.tfds_name, split, input_cfg.get("data_dir", ""),
-                      input_cfg.get("image_key", "image"), input_cfg.get("caption_key", ""),
-                      input_cfg.get("id_key", ""), input_cfg.get("label_key", ""), caption_file)
+    keys = {k: input_cfg.get(k, "") for k in ("image_key", "id_key", "label_key", "caption_key")}
+    keys["image_key"] = keys["image_key"] or "image"
+    name, data_dir = input_cfg.get("tfds_name", ""), input_cfg.get("data_dir", "")
+    num_examples, _ = check_tfds(name, split, data_dir, keys)
+    return TfdsSource(TfdsReader(name, split, data_dir, **keys), num_examples, caption_file)
+
+
+# ---- Helpers -----------------------------------------------------------------------------------
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _walk(example, key: str):
+    for part in key.split("/"):
+        example = example[part]
+    return example
+
+
+def check_id(key: str) -> str:
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # a file name with bytes that are not UTF-8
+        raise BadRecord("invalid_id", f"id {key!r} is not valid UTF-8") from None
+    return key
+
+
+def _as_id(value) -> str:
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRecord("invalid_id", f"id {value!r} is not valid UTF-8") from None
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return check_id(str(value))
+
+
+def _feature(features, key: str, setting: str, name: str):
+    feature = features
+    try:
+        for part in key.split("/"):
+            feature = feature[part]
+    except (KeyError, TypeError, IndexError):
+        raise ValueError(f"{setting}: {name} has no such feature; its features are "
+                         f"{', '.join(_flat_keys(features))}.") from None
+    return feature
+
+
+def _flat_keys(feature, prefix: str = "") -> list[str]:
+    inner = getattr(feature, "feature", None)  # a Sequence of a FeaturesDict
+    if hasattr(feature, "keys") or hasattr(inner, "keys"):
+        d = feature if hasattr(feature, "keys") else inner
+        return [k for name in d.keys() for k in _flat_keys(d[name], f"{prefix}{name}/")]
+    return [prefix.rstrip("/")]
