@@ -47,7 +47,7 @@ def measure(config, workdir: str, steps: int) -> dict:
     state = step_lib.create_train_state(models, config, tx, shardings)
     data = pipeline.make_train_iterator(config, tokenizer, models.mask_spec, source=source)
     batch = shard_lib.make_global_batch(next(data), shard_lib.batch_sharding(mesh))
-    train_step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx),
+    train_step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx, mesh),
                                          shardings, mesh)
     compiled = train_step.lower(state, batch).compile()
     flops = step_lib.compiled_flops(compiled)  # per device

@@ -16,6 +16,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # ---- Run length and bookkeeping ----------------------------------------------------------
     config.batch_size = 2048            # global, over all hosts
+    # Gradients of grad_accum micro-batches of batch_size / grad_accum are summed inside the
+    # step, exactly as one step on the whole batch (less memory; EMA and schedules per step).
+    config.grad_accum = 1
     config.total_steps = 1000
     config.log_every = 50
     config.checkpoint_every = 1000

@@ -34,6 +34,13 @@ def setup(config, workdir: str, with_data: bool = True) -> Experiment:
         if config.batch_size % mesh.size:
             raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
                              f"{mesh.size} devices of the mesh.")
+        accum = config.get("grad_accum", 1)
+        if accum < 1 or config.batch_size % (mesh.size * accum):
+            raise ValueError(
+                f"grad_accum={accum}: every device's share of batch_size={config.batch_size} "
+                f"({config.batch_size // mesh.size} over {mesh.size} devices) must split into "
+                f"{accum} equal micro-batches; choose grad_accum >= 1 dividing "
+                f"{config.batch_size // mesh.size}.")
         source = None
         if with_data:
             source = pipeline.make_source(config.input, config.input.split)

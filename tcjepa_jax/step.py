@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tcjepa_jax import optim
 from tcjepa_jax import sharding as shard_lib
@@ -192,14 +193,77 @@ def loss_fn(params, ema_params, batch, models: Models, config):
 
 # ---- Train step ------------------------------------------------------------------------------
 
-def make_train_step(models: Models, config, tx):
+def loss_counts(batch, conditioning: str) -> dict:
+    """Per example, the number of terms each loss averages over (see loss_fn / text_penalties):
+    valid target tokens (L_pred), valid (token, caption) pairs (L_sparse, L_consistency) and
+    valid (token, caption, word) triples (the O statistics). Gradient accumulation weights each
+    micro-batch's means by its share of these, so k micro-batches make exactly one batch."""
+    target = batch["target_valid"].sum((1, 2)).astype(jnp.float32)               # (B,)
+    k = batch["target_valid"].shape[1]
+    tokens = k * batch["context_valid"].sum(1).astype(jnp.float32) + target
+    text_mask = batch["text_mask"].astype(bool)
+    captions = batch["caption_valid"].astype(bool) & text_mask.any(-1)             # (B, N)
+    if conditioning == "caption":  # one "word" per caption: the mean word feature
+        words = captions.sum(1).astype(jnp.float32)
+    else:
+        words = (text_mask.sum(-1) * captions).sum(1).astype(jnp.float32)
+    return {"pred": target, "pair": captions.sum(1) * tokens, "word": words * tokens}
+
+
+def _weighted(metrics: dict, share: dict) -> dict:
+    """Metrics of one micro-batch, scaled by its share of the batch's terms."""
+    def weight(name):
+        if name.startswith("o_"):
+            return share["word"]
+        return share["pair"] if name in ("loss_sparse", "loss_consistency") else share["pred"]
+    return {name: value * weight(name) for name, value in metrics.items()}
+
+
+def make_train_step(models: Models, config, tx, mesh=None):
+    """The pure train step. `mesh` (optional) pins the layout of gradient-accumulation
+    micro-batches; without it XLA propagates the batch's sharding, which gives the same."""
     lr = optim.learning_rate_schedule(config.optim, config.total_steps)
     wd = optim.weight_decay_schedule(config.optim, config.total_steps)
     momentum = optim.ema_momentum_schedule(config.optim, config.total_steps)
+    accum = int(config.get("grad_accum", 1))
+    micro_sharding = None if mesh is None else NamedSharding(mesh, P(shard_lib.BATCH_AXES))
+
+    def grads_and_metrics(params, ema_params, batch):
+        if accum == 1:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (_, metrics), grads = grad_fn(params, ema_params, batch, models, config)
+            return grads, metrics
+        # Micro-batch i takes rows i, i + k, i + 2k, ...: with the batch split into contiguous
+        # blocks over the devices, every device holds an equal part of every micro-batch.
+        counts = loss_counts(batch, config.model.conditioning)
+        totals = {name: jnp.maximum(c.sum(), 1.0) for name, c in counts.items()}
+
+        def split(x):
+            x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
+            if micro_sharding is not None:
+                x = jax.lax.with_sharding_constraint(x, micro_sharding)
+            return jnp.moveaxis(x, 1, 0)
+
+        def micro_step(grads, micro):
+            mb, mb_counts = micro
+            share = {name: mb_counts[name].sum() / totals[name] for name in totals}
+
+            def weighted_loss(p):
+                _, metrics = loss_fn(p, ema_params, mb, models, config)
+                metrics = _weighted(metrics, share)
+                loss = (metrics["loss_pred"] + config.loss.sparse_weight * metrics["loss_sparse"]
+                        + config.loss.consistency_weight * metrics["loss_consistency"])
+                return loss, dict(metrics, loss=loss)
+
+            (_, metrics), g = jax.value_and_grad(weighted_loss, has_aux=True)(params)
+            return jax.tree.map(jnp.add, grads, g), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, metrics = jax.lax.scan(micro_step, zeros, jax.tree.map(split, (batch, counts)))
+        return grads, jax.tree.map(lambda m: m.sum(0), metrics)
 
     def train_step(state: TrainState, batch: dict):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, state.ema_params, batch, models, config)
+        grads, metrics = grads_and_metrics(state.params, state.ema_params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         m = momentum(state.step)

@@ -40,7 +40,8 @@ def train(config, workdir: str) -> dict:
     tx = optim.make_optimizer(config)
     shardings = step_lib.state_shardings(models, config, tx, mesh)
     _log_model(config, mesh, models, shardings)
-    train_step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx), shardings, mesh)
+    train_step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx, mesh),
+                                         shardings, mesh)
     batch_sharding = shard_lib.batch_sharding(mesh)
 
     data_iter = pipeline.make_train_iterator(
