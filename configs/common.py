@@ -23,6 +23,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.log_every = 50
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
+    # MFU = achieved FLOP/s (XLA's count of the compiled step) / this per-device peak; 0 takes
+    # the chip's bf16 peak from tcjepa_jax/chips.py (no MFU for chips it does not list, e.g. CPUs).
+    config.peak_flops_per_device = 0.0
+    # A jax.profiler trace of steps [first_step, first_step + num_steps) into the TensorBoard
+    # directory (process 0); num_steps = 0 turns it off.
+    config.profile = ml_collections.ConfigDict()
+    config.profile.first_step = 0
+    config.profile.num_steps = 0
 
     # ---- Input (docs/data.md) -----------------------------------------------------------------
     config.input = ml_collections.ConfigDict()

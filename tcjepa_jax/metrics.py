@@ -1,6 +1,7 @@
 """Progress lines (step, loss, images/s, ETA) and TensorBoard logs."""
 
 import logging as logging_std
+import os
 import time
 
 import jax
@@ -20,26 +21,59 @@ def quiet_library_logs():
 
 
 class Progress:
-    """Throughput and ETA from wall time between log points (steps are asynchronous)."""
+    """Throughput, MFU and ETA from wall time between log points (steps are asynchronous)."""
 
-    def __init__(self, total_steps: int, batch_size: int, flops_per_step: float, start_step: int):
-        """flops_per_step: per device, as XLA's cost analysis reports it."""
+    def __init__(self, total_steps: int, batch_size: int, flops_per_step: float, start_step: int,
+                 peak_flops_per_device: float | None = None):
+        """flops_per_step: per device, as XLA's cost analysis reports it; peak: per device, from
+        tcjepa_jax/chips.py or config.peak_flops_per_device (None: MFU is not logged)."""
         self.total_steps, self.batch_size, self.flops = total_steps, batch_size, flops_per_step
+        self.peak = peak_flops_per_device
         self._last_step, self._last_time = start_step, None
 
-    def update(self, step: int) -> dict:
-        now = time.time()
+    def update(self, step: int, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
         if self._last_time is None:  # The first step includes warm-up; time from here on.
             self._last_step, self._last_time = step, now
             return {}
         steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
         self._last_step, self._last_time = step, now
-        return {
+        out = {
+            "step_time_s": 1.0 / max(steps_per_s, 1e-9),
             "images_per_s": steps_per_s * self.batch_size,
             # XLA's cost analysis of an SPMD program counts one device's share.
             "tflops_per_s_per_device": steps_per_s * self.flops / 1e12,
             "eta_s": (self.total_steps - step) / max(steps_per_s, 1e-9),
         }
+        if self.peak:
+            out["mfu"] = steps_per_s * self.flops / self.peak
+        return out
+
+
+class Profiler:
+    """A jax.profiler trace of steps [profile.first_step, + profile.num_steps) on process 0,
+    written under workdir/tensorboard (TensorBoard's Profile tab shows it)."""
+
+    def __init__(self, config, workdir: str):
+        profile = config.get("profile", {})
+        self.first = int(profile.get("first_step", 0))
+        self.last = self.first + int(profile.get("num_steps", 0)) - 1
+        self.enabled = self.last >= self.first > 0 and jax.process_index() == 0
+        self.log_dir = os.path.join(workdir, "tensorboard")
+        self.active = False
+
+    def before(self, step: int):
+        if self.enabled and step == self.first:
+            jax.profiler.start_trace(self.log_dir)
+            self.active = True
+
+    def after(self, step: int, state):
+        if self.active and step == self.last:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info("Wrote a profile of steps %d-%d to %s (TensorBoard, Profile tab).",
+                         self.first, self.last, self.log_dir)
 
 
 def _format_eta(seconds: float) -> str:
@@ -73,6 +107,8 @@ class MetricWriter:
             if name in scalars:
                 line += f" | {name} {scalars[name]:.4f}"
         if "images_per_s" in scalars:
+            if "mfu" in scalars:
+                line += f" | MFU {scalars['mfu']:.1%}"
             line += (f" | {scalars['images_per_s']:.1f} img/s"
                      f" | ETA {_format_eta(scalars['eta_s'])}")
         if scalars.get("bad_records") or scalars.get("dropped_captions"):

@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tcjepa_jax import checkpoint as ckpt_lib
+from tcjepa_jax import chips
 from tcjepa_jax import optim
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
@@ -23,7 +24,7 @@ from tcjepa_jax.config_lib import DEFAULT_CONFIG, run_command
 from tcjepa_jax.experiment import setup
 from tcjepa_jax.data import pipeline
 from tcjepa_jax.evaluators import linear_probe
-from tcjepa_jax.metrics import MetricWriter, Progress
+from tcjepa_jax.metrics import MetricWriter, Profiler, Progress
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Training config file (configs/*.py[:ARGS]).", lock_config=True)
@@ -71,10 +72,14 @@ def train(config, workdir: str) -> dict:
         flops = step_lib.compiled_flops(compiled)
         logging.info("Compiled the train step in %.1fs (%.3g FLOPs per step and device).",
                      time.time() - t0, flops)
-        progress = Progress(config.total_steps, config.batch_size, flops, start_step)
+        peak = chips.peak_flops(config, jax.devices()[0])
+        progress = Progress(config.total_steps, config.batch_size, flops, start_step, peak)
+        profiler = Profiler(config, workdir)
 
         for step in range(start_step + 1, config.total_steps + 1):
+            profiler.before(step)
             state, step_metrics = compiled(state, batch)
+            profiler.after(step, state)
             last = step == config.total_steps
             if step % config.log_every == 0 or last or step == start_step + 1:
                 metrics = jax.device_get(step_metrics)

@@ -1,0 +1,62 @@
+"""Training metrics: step time, images/s, TFLOP/s per device, MFU, and a profiler trace window."""
+
+import glob
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from tcjepa_jax import chips
+from tcjepa_jax import train as train_lib
+from tcjepa_jax.metrics import Progress
+
+import test_train  # the tiny config and the compile cache its programs live in
+
+
+def test_progress_reports_throughput_and_mfu():
+    progress = Progress(total_steps=100, batch_size=32, flops_per_step=2e9, start_step=0,
+                        peak_flops_per_device=1e11)
+    assert progress.update(1, now=10.0) == {}  # the first step includes compilation
+    out = progress.update(11, now=12.0)        # 10 steps in 2 s
+    assert out["step_time_s"] == pytest.approx(0.2)
+    assert out["images_per_s"] == pytest.approx(160.0)
+    assert out["tflops_per_s_per_device"] == pytest.approx(0.01)
+    assert out["mfu"] == pytest.approx(0.1)    # 1e10 FLOP/s of a 1e11 peak
+    assert out["eta_s"] == pytest.approx(89 * 0.2)
+    no_peak = Progress(100, 32, 2e9, 0)
+    no_peak.update(1, now=0.0)
+    assert "mfu" not in no_peak.update(2, now=1.0)
+
+
+def test_peak_from_chip_table_or_config():
+    class Device:
+        device_kind = "TPU v5p"
+    assert chips.peak_flops({}, Device()) == pytest.approx(459e12, rel=0.01)
+    assert chips.peak_flops({"peak_flops_per_device": 5e10}, Device()) == 5e10
+
+    class Cpu:
+        device_kind = "cpu"
+    assert chips.peak_flops({}, Cpu()) is None
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    return test_train.tokenizer_path.__wrapped__(tmp_path_factory)
+
+
+def test_training_logs_mfu_and_writes_a_profile(tokenizer_path, tmp_path):
+    config = test_train.tiny_config(tokenizer_path)
+    config.peak_flops_per_device = 1e10   # a CPU is not in the chip table: give its peak
+    config.profile.first_step = 2
+    config.profile.num_steps = 2
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        metrics = train_lib.train(config, str(tmp_path / "run"))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert 0 < metrics["mfu"] < 1 and metrics["step_time_s"] > 0
+    assert np.isclose(metrics["mfu"], metrics["tflops_per_s_per_device"] * 1e12 / 1e10)
+    traces = glob.glob(os.path.join(tmp_path, "run", "tensorboard", "plugins", "profile", "*",
+                                    "*.xplane.pb"))
+    assert traces, os.listdir(tmp_path / "run" / "tensorboard")
