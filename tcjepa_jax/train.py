@@ -17,10 +17,11 @@ from ml_collections import config_flags
 
 from tcjepa_jax import checkpoint as ckpt_lib
 from tcjepa_jax import chips
+from tcjepa_jax import distributed
 from tcjepa_jax import optim
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
-from tcjepa_jax.config_lib import DEFAULT_CONFIG, run_command
+from tcjepa_jax.config_lib import DEFAULT_CONFIG, UserError, run_command
 from tcjepa_jax.experiment import setup
 from tcjepa_jax.data import pipeline
 from tcjepa_jax.evaluators import linear_probe
@@ -29,6 +30,11 @@ from tcjepa_jax.metrics import MetricWriter, Profiler, Progress
 _CONFIG = config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Training config file (configs/*.py[:ARGS]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<config.name>.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "Multi-host: host:port of process 0 (the same on every host); "
+    "empty = found from the environment (TPU pods, SLURM) or a single-host run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's id.")
 
 
 # ---- Train -----------------------------------------------------------------------------------
@@ -124,7 +130,15 @@ def _log_model(config, mesh, models, shardings):
 def main(argv):
     del argv
     config = _CONFIG.value
-    run_command(train, config, _WORKDIR.value or os.path.join("runs", config.name))
+    run_command(join_and_train, config, _WORKDIR.value or os.path.join("runs", config.name))
+
+
+def join_and_train(config, workdir: str) -> dict:
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    return train(config, workdir)
 
 
 def run():
