@@ -4,6 +4,7 @@ import os
 import sys
 
 from tcjepa_jax.data.sources import available_sources
+from tcjepa_jax.models.layers import REMAT_POLICIES
 from tcjepa_jax.models.predictor import CONDITIONING
 from tcjepa_jax.models.text import T5_SIZES
 from tcjepa_jax.models.vit import vit_config
@@ -70,6 +71,11 @@ def validate_config(config) -> None:
            f"embedding) and by model.predictor_heads={heads}.")
     for axis, size in config.mesh:
         _check(size == -1 or size >= 1, f"config.mesh axis {axis!r} has size {size}; use >= 1 or -1.")
+    _check(config.model.remat in (True, False) + REMAT_POLICIES,
+           f"model.remat={config.model.remat!r}; choose one of {REMAT_POLICIES}.")
+    _check(config.optim.get("mu_dtype", "float32") in ("float32", "bfloat16"),
+           f"optim.mu_dtype={config.optim.get('mu_dtype')!r}; choose 'float32' or 'bfloat16'.")
+    _check(config.get("grad_accum", 1) >= 1, "grad_accum must be >= 1.")
     _check(config.model.dtype in ("float32", "bfloat16"),
            f"model.dtype={config.model.dtype!r}; choose 'float32' or 'bfloat16'.")
     _check(config.loss.pred in ("smooth_l1", "l2"),

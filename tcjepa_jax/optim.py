@@ -5,6 +5,7 @@ skips biases and other 1-D parameters, and the EMA momentum ramp of the target e
 """
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -54,6 +55,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
         b2=optim_cfg.b2,
         weight_decay=weight_decay_schedule(optim_cfg, config.total_steps),
         mask=_decay_mask,
+        mu_dtype=jnp.dtype(optim_cfg.get("mu_dtype", "float32")),
     )
     if config.model.text_trainable:
         return adamw

@@ -40,6 +40,27 @@ def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, axis_name="embed") -
                         bias_init=nn.with_logical_partitioning(zeros, (axis_name,)))
 
 
+# config.model.remat: what a block keeps for the backward pass; the rest is recomputed.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def remat(module_cls, policy):
+    """`module_cls`, or it wrapped in nn.remat with the named jax.checkpoint_policies policy.
+
+    "full" saves nothing (recomputes the whole block); "dots_saveable" keeps every matmul
+    output; "dots_with_no_batch_dims_saveable" keeps the weight matmuls' outputs but not the
+    attention scores. True / False mean "full" / "none" (older configs)."""
+    if policy is True:
+        policy = "full"
+    if policy in (False, None, "none"):
+        return module_cls
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={policy!r}; choose one of {REMAT_POLICIES}.")
+    if policy == "full":
+        return nn.remat(module_cls)
+    return nn.remat(module_cls, policy=getattr(jax.checkpoint_policies, policy))
+
+
 def attend(q, k, v, key_valid=None, bias=None, scale=None):
     """Multi-head attention core. q (B,T,H,D), k/v (B,S,H,D), key_valid bool (B,S), bias
     broadcastable to (B,H,T,S). Returns (B,T,H,D) in q's dtype. `scale` defaults to 1/sqrt(D).

@@ -10,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tcjepa_jax.models.layers import Mlp, attend, dense, layer_norm, trunc_normal
+from tcjepa_jax.models.layers import Mlp, attend, dense, layer_norm, remat, trunc_normal
 from tcjepa_jax.models.vit import Block, sincos_2d
 
 Dtype = Any
@@ -114,7 +114,7 @@ class Predictor(nn.Module):
     cond_mlp_ratio: float = 1.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = "none"  # layers.REMAT_POLICIES
 
     @nn.compact
     def __call__(self, ctx, ctx_idx, ctx_valid, tgt_idx, tgt_valid, text, text_mask,
@@ -142,8 +142,8 @@ class Predictor(nn.Module):
         valid = jnp.concatenate([jnp.repeat(ctx_valid.astype(bool), k, axis=0),
                                  tgt_valid.astype(bool).reshape(b * k, nt)], axis=1)
 
-        block = nn.remat(Block) if self.remat else Block
-        cond = nn.remat(TextConditioner) if self.remat else TextConditioner
+        block = remat(Block, self.remat)
+        cond = remat(TextConditioner, self.remat)
         os = []
         for i in range(self.depth):
             x = block(self.num_heads, self.mlp_ratio, name=f"block_{i}", **kw)(x, valid)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from tcjepa_jax.models.layers import Mlp, SelfAttention, dense, layer_norm
+from tcjepa_jax.models.layers import Mlp, SelfAttention, dense, layer_norm, remat
 
 Dtype = Any
 
@@ -94,7 +94,7 @@ class VisionTransformer(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False  # recompute blocks in the backward pass (memory for big models)
+    remat: Any = "none"  # layers.REMAT_POLICIES: recompute blocks in the backward pass
 
     @nn.compact
     def __call__(self, images, keep_idx=None, keep_valid=None):
@@ -107,7 +107,7 @@ class VisionTransformer(nn.Module):
         x = x + jnp.asarray(sincos_2d(gh, gw, self.width), self.dtype)[None]
         if keep_idx is not None:
             x = jnp.take_along_axis(x, keep_idx[..., None], axis=1)
-        block = nn.remat(Block) if self.remat else Block
+        block = remat(Block, self.remat)
         for i in range(self.depth):
             x = block(self.num_heads, self.mlp_ratio, name=f"block_{i}", **kw)(x, keep_valid)
         # Final LN in float32: its output feeds the predictor and the loss targets.
