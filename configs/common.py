@@ -78,11 +78,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.masks.context_aspect = (1.0, 1.0)
     config.masks.min_keep = 10
     config.masks.max_context = 0       # cap on context slots (0: the exact bound); see masks.py
+    # Cap on slots per target block (0: the exact bound); a longer block keeps a uniformly
+    # random subset of its patches as targets (masks.py). Paper configs set both caps.
+    config.masks.max_target = 0
 
     # ---- Model -----------------------------------------------------------------------------------
     config.model = ml_collections.ConfigDict()
     config.model.encoder = "B/16"       # VIT_SIZES name / patch size
-    config.model.remat = False
+    # Recompute blocks in the backward pass: none | full | dots_saveable |
+    # dots_with_no_batch_dims_saveable (models/layers.py REMAT_POLICIES).
+    config.model.remat = "none"
     config.model.predictor_width = 384
     config.model.predictor_depth = 6
     config.model.predictor_heads = 12   # docs/method.md: equal to the encoder's
@@ -113,15 +118,24 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.optim.wd_end = 0.4
     config.optim.ema_start = 0.996
     config.optim.ema_end = 1.0
+    # Adam's first moment in bfloat16 halves its memory ("float32" or "bfloat16"); optax keeps
+    # the second moment in the parameters' float32.
+    config.optim.mu_dtype = "float32"
 
     # ---- Sharding ------------------------------------------------------------------------------
-    # Mesh axes and sizes; -1 takes the remaining devices. The batch is split over both axes.
-    config.mesh = (("data", -1), ("fsdp", 1))
-    # Logical parameter axis -> mesh axis (None = replicated). A dimension that the mesh axis does
-    # not divide is replicated instead.
+    # Mesh axes and sizes; -1 takes the remaining devices. The batch is split over data x fsdp;
+    # `tensor` (optional, size 1 if absent) splits heads and MLP units. DP: (("data", -1),
+    # ("fsdp", 1)); FSDP: (("data", 1), ("fsdp", -1)); FSDP+TP: add ("tensor", 2..8).
+    config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+    # Multi-slice TPU (HSDP): the data axis spans this many slices over the data-center network.
+    config.mesh_slices = 1
+    # Logical axis -> mesh axis (None = replicated), for parameters (and so optimizer state) and
+    # activations (act_*). A dimension that the mesh axis does not divide is replicated instead.
     config.sharding_rules = (
-            ("embed", "fsdp"), ("text_embed", "fsdp"), ("mlp", None), ("heads", None),
+            ("embed", "fsdp"), ("text_embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
             ("kv", None), ("vocab", None), ("patch", None), ("relpos_buckets", None),
+            ("act_batch", ("data", "fsdp")), ("act_len", None), ("act_embed", None),
+            ("act_mlp", "tensor"), ("act_heads", "tensor"), ("act_kv", None),
     )
 
     # ---- Evaluation ----------------------------------------------------------------------------
@@ -185,14 +199,20 @@ def paper_config(arg: str, *, name: str, encoder: str, dataset: str, epochs: int
         config.input.caption_file = ""  # I-JEPA reads no text
     config.input.image_size = 224
     config.input.workers = 8            # decoding processes per host; size to the host's cores
+    # Context / per-target-block slot caps: about the tokens per image the I-JEPA reference
+    # processes at its 128 images per device (docs/method.md, section 4), for 224 px with patch
+    # 16 (14x14 grid; exact bounds 171 / 42) or 14 (16x16; 221 / 56). Rescale for other sizes.
+    grid = config.input.image_size // vit_config(encoder)["patch_size"]
+    config.masks.max_context, config.masks.max_target = {14: (54, 36), 16: (72, 48)}[grid]
 
     config.model.encoder = encoder
     config.model.predictor_depth = PREDICTOR_DEPTH[size]
     config.model.predictor_heads = vit_config(encoder)["num_heads"]  # docs/method.md: as the encoder
-    config.model.remat = size in ("H", "G")
+    config.model.remat = "full" if size in ("H", "G") else "none"
     config.model.text = "base"          # T5 size is not stated in the paper (docs/method.md)
     config.model.conditioning = "none" if "ijepa" in args else "all"
-    config.mesh = (("data", 1), ("fsdp", -1)) if size in ("H", "G") else (("data", -1), ("fsdp", 1))
+    config.mesh = ((("data", 1), ("fsdp", -1), ("tensor", 1)) if size in ("H", "G")
+                   else (("data", -1), ("fsdp", 1), ("tensor", 1)))
     config.probe.enabled = False        # the probes below are for the synthetic scenes
 
     if "runlocal" in args:
@@ -213,6 +233,6 @@ def paper_config(arg: str, *, name: str, encoder: str, dataset: str, epochs: int
         config.model.predictor_heads = 3
         config.model.text = "tiny"
         config.model.dtype = "float32"
-        config.model.remat = False
-        config.mesh = (("data", -1), ("fsdp", 1))
+        config.model.remat = "none"
+        config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
     return config

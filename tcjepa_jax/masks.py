@@ -11,7 +11,11 @@ Differences from the I-JEPA reference sampler, on purpose:
   * the top-left corner is uniform over [0, H-h] x [0, W-w] *inclusive*, so the last
     row and column are covered as often as the first;
   * every output has a fixed number of slots computed from the spec alone, plus a
-    validity mask, so a jitted train step never sees a new shape.
+    validity mask, so a jitted train step never sees a new shape;
+  * optional slot caps (`max_context`, `max_target`) bound the tokens the encoder and the
+    predictor process; a context or target block longer than its cap keeps a uniformly
+    random subset of its patches (the reference cuts every mask of a batch to the batch's
+    shortest by keeping its first indices, i.e. the top rows).
 
 Everything is plain numpy and a pure function of (seed, index, epoch), so masks
 can be regenerated exactly after a restart and on any host.
@@ -59,26 +63,36 @@ class MaskSpec:
     context_scale: tuple[float, float] = (0.85, 1.0)
     context_aspect: tuple[float, float] = (1.0, 1.0)
     min_keep: int = 10  # at least this many context patches
-    # Cap on context slots (0 = none). The exact bound is loose (about twice the median context
-    # at the I-JEPA defaults) and padded slots cost compute in the encoder and the predictor;
-    # a context above the cap keeps a random subset of max_context patches (I-JEPA instead cuts
-    # every context in a batch to the batch's shortest, biased to the top rows).
+    # Cap on context slots (0 = none, the exact bound). The exact bound is loose (171 slots for
+    # about 89 valid patches on average at the I-JEPA defaults on a 14x14 grid) and every slot
+    # costs compute in the encoder and the predictor; a context above the cap keeps a uniformly
+    # random subset of max_context patches (I-JEPA instead cuts every context in a batch to the
+    # batch's shortest, keeping the top rows). Must be 0 or >= min_keep, so min_keep still holds.
     max_context: int = 0
+    # Cap on slots per target block (0 = none, the exact bound). A block with more patches keeps
+    # a uniformly random subset of max_target of them as prediction targets; the context still
+    # excludes the whole block. Blocks at or below the cap are unchanged.
+    max_target: int = 0
 
     def __post_init__(self):
         try:
             grid = tuple(operator.index(g) for g in self.grid)
             num_targets = operator.index(self.num_targets)
             min_keep = operator.index(self.min_keep)
+            max_context = operator.index(self.max_context)
+            max_target = operator.index(self.max_target)
         except TypeError:
             raise ValueError(
-                f"invalid MaskSpec: grid must be two ints and num_targets/min_keep ints, got "
-                f"grid={self.grid!r}, num_targets={self.num_targets!r}, min_keep={self.min_keep!r}"
+                f"invalid MaskSpec: grid must be two ints and num_targets/min_keep/max_context/"
+                f"max_target ints, got grid={self.grid!r}, num_targets={self.num_targets!r}, "
+                f"min_keep={self.min_keep!r}, max_context={self.max_context!r}, max_target={self.max_target!r}"
             ) from None
         # Normalise in place so equal specs compare and hash equal however they were written.
         object.__setattr__(self, "grid", grid)
         object.__setattr__(self, "num_targets", num_targets)
         object.__setattr__(self, "min_keep", min_keep)
+        object.__setattr__(self, "max_context", max_context)
+        object.__setattr__(self, "max_target", max_target)
         for name in ("target_scale", "target_aspect", "context_scale", "context_aspect"):
             object.__setattr__(self, name, _as_range(getattr(self, name), name))
 
@@ -87,6 +101,10 @@ class MaskSpec:
             problems.append(f"grid must be two positive ints, got {grid}")
         if num_targets < 1:
             problems.append(f"num_targets must be >= 1, got {num_targets}")
+        if max_context < 0:
+            problems.append(f"max_context must be 0 (no cap) or >= min_keep, got {max_context}")
+        if max_target < 0:
+            problems.append(f"max_target must be 0 (no cap) or >= 1, got {max_target}")
         for name in ("target_scale", "context_scale", "target_aspect", "context_aspect"):
             lo, hi = getattr(self, name)
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
@@ -135,7 +153,8 @@ class MaskSpec:
     @functools.cached_property
     def num_target_slots(self) -> int:
         # Block area is non-decreasing in scale, so the largest block has the largest scale.
-        return _area_bound(self.target_scale[1], self.target_aspect, self.grid, largest=True)
+        bound = _area_bound(self.target_scale[1], self.target_aspect, self.grid, largest=True)
+        return min(bound, self.max_target) if self.max_target > 0 else bound
 
     @functools.cached_property
     def num_context_slots(self) -> int:
@@ -223,6 +242,17 @@ def _rng(seed: int, index: int, epoch: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(seq))
 
 
+def _subsample(rng: np.random.Generator, ids: np.ndarray, size: int) -> np.ndarray:
+    """`ids` if it fits in `size` slots, else a uniformly random subset of `size` of them, sorted.
+
+    Uniform over the patches (every subset equally likely), so a capped mask covers every
+    row and column of the uncapped one in proportion; no rng draw when nothing is cut.
+    """
+    if ids.size <= size:
+        return ids
+    return np.sort(rng.choice(ids, size, replace=False))
+
+
 def sample_masks(spec: MaskSpec, seed: int, index: int, epoch: int) -> dict[str, np.ndarray]:
     """Context and target patch indices for one example; a pure function of (seed, index, epoch).
 
@@ -231,9 +261,19 @@ def sample_masks(spec: MaskSpec, seed: int, index: int, epoch: int) -> dict[str,
     row-major (r * W + c), ascending among the valid slots, which come first;
     padded slots hold 0 and are marked invalid.
 
+    A context with more patches than num_context_slots (possible only with
+    max_context, or in the fallback below) keeps a uniformly random subset of
+    num_context_slots of them; a target block with more than num_target_slots
+    patches (only with max_target) keeps a uniformly random subset of that size,
+    while the context still excludes the whole block. Shorter ones are kept whole and
+    padded: a cap is a slot count, and dropping patches below it would save nothing.
+    The subsets come from the same (seed, index, epoch) stream, drawn after the blocks,
+    so a cap never changes the blocks themselves, and the target cap never changes
+    the context.
+
     If MAX_TRIES attempts all leave fewer than min_keep context patches, the last
     attempt's first target block is used for every target and the context is the
-    rest of the grid, truncated to the lowest num_context_slots indices. The spec
+    rest of the grid, subsampled as above when it exceeds the slots. The spec
     validation guarantees that this still has >= min_keep patches, never overlaps a
     target, and fits the slots.
     """
@@ -259,11 +299,9 @@ def sample_masks(spec: MaskSpec, seed: int, index: int, epoch: int) -> dict[str,
             break
     else:
         target_masks = [target_masks[0]] * spec.num_targets
-        context_ids = np.flatnonzero(~target_masks[0])[: spec.num_context_slots]
-    if context_ids.size > spec.num_context_slots:  # only with max_context
-        context_ids = np.sort(rng.choice(context_ids, spec.num_context_slots, replace=False))
-
-    target_ids = [np.flatnonzero(m) for m in target_masks]
+        context_ids = np.flatnonzero(~target_masks[0])
+    context_ids = _subsample(rng, context_ids, spec.num_context_slots)
+    target_ids = [_subsample(rng, np.flatnonzero(m), spec.num_target_slots) for m in target_masks]
     # The slot counts are only worth having if they are never exceeded.
     assert context_ids.size <= spec.num_context_slots, (context_ids.size, spec)
     assert max(t.size for t in target_ids) <= spec.num_target_slots, (target_ids, spec)

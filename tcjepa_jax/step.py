@@ -220,8 +220,9 @@ def _weighted(metrics: dict, share: dict) -> dict:
 
 
 def make_train_step(models: Models, config, tx, mesh=None):
-    """The pure train step. `mesh` (optional) pins the layout of gradient-accumulation
-    micro-batches; without it XLA propagates the batch's sharding, which gives the same."""
+    """The pure train step. `mesh` (optional) pins activations to the layout config.sharding_rules
+    gives their act_* names, and the gradient-accumulation micro-batches to the batch axes;
+    without it XLA propagates the parameters' and the batch's shardings on its own."""
     lr = optim.learning_rate_schedule(config.optim, config.total_steps)
     wd = optim.weight_decay_schedule(config.optim, config.total_steps)
     momentum = optim.ema_momentum_schedule(config.optim, config.total_steps)
@@ -263,7 +264,11 @@ def make_train_step(models: Models, config, tx, mesh=None):
         return grads, jax.tree.map(lambda m: m.sum(0), metrics)
 
     def train_step(state: TrainState, batch: dict):
-        grads, metrics = grads_and_metrics(state.params, state.ema_params, batch)
+        if mesh is None:
+            grads, metrics = grads_and_metrics(state.params, state.ema_params, batch)
+        else:  # activations follow config.sharding_rules' act_* names
+            with shard_lib.activation_sharding(mesh, config.sharding_rules):
+                grads, metrics = grads_and_metrics(state.params, state.ema_params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         m = momentum(state.step)

@@ -206,7 +206,7 @@ def test_one_device_matches_eight(tokenizer_path, mesh8, host_init, host_batches
     sharded = [jax.tree_util.keystr(path) for path, s in _leaves(mesh8.shardings.params)
                if isinstance(s, NamedSharding) and _names_fsdp(s)]
     assert sharded, "no parameter is sharded over 'fsdp' on the data=2 x fsdp=4 mesh"
-    assert mesh8.mesh.shape == {"data": 2, "fsdp": 4}
+    assert mesh8.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}
     encoder_kernel = mesh8.shardings.params["encoder"]["patch_embed"]["kernel"]
     assert _names_fsdp(encoder_kernel), encoder_kernel
 

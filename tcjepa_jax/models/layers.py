@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tcjepa_jax.sharding import constrain
+
 Dtype = Any
 
 # I-JEPA initialisation: truncated normal(0.02) for every weight matrix, zeros for biases.
@@ -38,6 +40,17 @@ def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, axis_name="embed") -
     return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
                         scale_init=nn.with_logical_partitioning(ones, (axis_name,)),
                         bias_init=nn.with_logical_partitioning(zeros, (axis_name,)))
+
+
+def constrain_tokens(x, feature_axes=("act_embed",)):
+    """Pins an activation (batch, positions..., features...) to the mesh by the logical names
+    act_batch / act_len / feature_axes (a no-op outside sharding.activation_sharding)."""
+    positions = x.ndim - 1 - len(feature_axes)  # e.g. captions and words: only one is act_len
+    lead = ("act_batch",) + ("act_len",) * min(positions, 1) + (None,) * max(positions - 1, 0)
+    return constrain(x, lead + tuple(feature_axes))
+
+
+HEADS = ("act_heads", "act_kv")
 
 
 # config.model.remat: what a block keeps for the backward pass; the rest is recomputed.
@@ -90,7 +103,7 @@ class Mlp(nn.Module):
         width = x.shape[-1]
         x = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
                   name="fc1")(x)
-        x = nn.gelu(x, approximate=False)
+        x = nn.gelu(constrain_tokens(x, ("act_mlp",)), approximate=False)
         return dense(width, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                      name="fc2")(x)
 
@@ -106,7 +119,8 @@ class SelfAttention(nn.Module):
         width = x.shape[-1]
         head_dim = width // self.num_heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q, k, v = (dense((self.num_heads, head_dim), ("embed", "heads", "kv"), name=n, **kw)(x)
+        q, k, v = (constrain_tokens(dense((self.num_heads, head_dim), ("embed", "heads", "kv"),
+                                          name=n, **kw)(x), HEADS)
                    for n in ("query", "key", "value"))
-        out = attend(q, k, v, key_valid=valid)
+        out = constrain_tokens(attend(q, k, v, key_valid=valid), HEADS)
         return dense(width, ("heads", "kv", "embed"), axis=(-2, -1), name="out", **kw)(out)

@@ -10,7 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tcjepa_jax.models.layers import Mlp, attend, dense, layer_norm, remat, trunc_normal
+from tcjepa_jax.models.layers import (HEADS, Mlp, attend, constrain_tokens, dense, layer_norm,
+                                     remat, trunc_normal)
 from tcjepa_jax.models.vit import Block, sincos_2d
 
 Dtype = Any
@@ -48,10 +49,12 @@ class TextConditioner(nn.Module):
         s = text.shape[2]
 
         heads = (self.num_heads, head_dim)
-        qp = dense(heads, ("embed", "heads", "kv"), name="q", **kw)(
-            layer_norm("norm_q", **kw)(q))                                      # (B,T,H,D)
-        kp = dense(heads, ("text_embed", "heads", "kv"), name="k", **kw)(text)  # (B,N,S,H,D)
-        vp = dense(heads, ("text_embed", "heads", "kv"), name="v", **kw)(text)
+        qp = constrain_tokens(dense(heads, ("embed", "heads", "kv"), name="q", **kw)(
+            layer_norm("norm_q", **kw)(q)), HEADS)                              # (B,T,H,D)
+        kp = constrain_tokens(dense(heads, ("text_embed", "heads", "kv"), name="k", **kw)(text),
+                              HEADS)                                            # (B,N,S,H,D)
+        vp = constrain_tokens(dense(heads, ("text_embed", "heads", "kv"), name="v", **kw)(text),
+                              HEADS)
         self.sow("intermediates", "q_proj", qp)
         self.sow("intermediates", "k_proj", kp)
 
@@ -61,8 +64,8 @@ class TextConditioner(nn.Module):
                      key_valid=text_mask.reshape(b * n, s)).reshape((b, n, t) + heads)
         qc = q[:, None] + dense(width, ("heads", "kv", "embed"), axis=(-2, -1), name="out",
                                 **kw)(att)                                     # (B,N,T,W)
-        qc = qc + Mlp(int(width * self.mlp_ratio), name="mlp", **kw)(
-            layer_norm("norm_mlp", **kw)(qc))
+        qc = constrain_tokens(qc + Mlp(int(width * self.mlp_ratio), name="mlp", **kw)(
+            layer_norm("norm_mlp", **kw)(constrain_tokens(qc))))
 
         # Max-pool over valid captions; an example without any caption passes q through.
         pooled = jnp.where(caption_valid[:, :, None, None], qc, -jnp.inf).max(axis=1)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcjepa_jax.models.layers import attend, dense
+from tcjepa_jax.models.layers import HEADS, attend, constrain_tokens, dense
 
 Dtype = Any
 
@@ -86,11 +86,13 @@ class T5Attention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
         heads, names = (self.num_heads, self.head_dim), ("text_embed", "heads", "kv")
         # HF T5 init (factor 1): q std (d*d_kv)^-1/2 stands in for the missing 1/sqrt(d_kv).
-        q = dense(heads, names, kernel_init=_normal((width * self.head_dim) ** -0.5),
-                  name="q", **kw)(x)
-        k = dense(heads, names, kernel_init=_normal(width ** -0.5), name="k", **kw)(x)
-        v = dense(heads, names, kernel_init=_normal(width ** -0.5), name="v", **kw)(x)
-        y = attend(q, k, v, key_valid=mask, bias=position_bias, scale=1.0)
+        q = constrain_tokens(dense(heads, names, kernel_init=_normal(
+            (width * self.head_dim) ** -0.5), name="q", **kw)(x), HEADS)
+        k = constrain_tokens(dense(heads, names, kernel_init=_normal(width ** -0.5), name="k",
+                                   **kw)(x), HEADS)
+        v = constrain_tokens(dense(heads, names, kernel_init=_normal(width ** -0.5), name="v",
+                                   **kw)(x), HEADS)
+        y = constrain_tokens(attend(q, k, v, key_valid=mask, bias=position_bias, scale=1.0), HEADS)
         return dense(width, ("heads", "kv", "text_embed"), axis=(-2, -1), kernel_init=_normal(
             (self.num_heads * self.head_dim) ** -0.5), name="o", **kw)(y)
 
@@ -107,7 +109,7 @@ class T5Mlp(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
         wi = lambda n: dense(self.mlp_dim, ("text_embed", "mlp"),
                              kernel_init=_normal(width ** -0.5), name=n, **kw)(x)
-        y = nn.gelu(wi("wi_0"), approximate=True) * wi("wi_1")
+        y = constrain_tokens(nn.gelu(wi("wi_0"), approximate=True) * wi("wi_1"), ("act_mlp",))
         return dense(width, ("mlp", "text_embed"), kernel_init=_normal(self.mlp_dim ** -0.5),
                      name="wo", **kw)(y)
 
@@ -122,6 +124,7 @@ class T5Block(nn.Module):
     @nn.compact
     def __call__(self, x, mask, position_bias):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = constrain_tokens(x)
         y = RMSNorm(name="attention_norm", **kw)(x)
         x = x + T5Attention(self.num_heads, self.head_dim, name="attention", **kw)(
             y, mask, position_bias)

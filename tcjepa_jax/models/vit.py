@@ -10,7 +10,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from tcjepa_jax.models.layers import Mlp, SelfAttention, dense, layer_norm, remat
+from tcjepa_jax.models.layers import (Mlp, SelfAttention, constrain_tokens, dense, layer_norm,
+                                     remat)
 
 Dtype = Any
 
@@ -69,10 +70,11 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, valid=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = constrain_tokens(x)
         y = layer_norm("norm1", **kw)(x)
         x = x + SelfAttention(self.num_heads, name="attn", **kw)(y, valid)
         y = layer_norm("norm2", **kw)(x)
-        return x + Mlp(int(x.shape[-1] * self.mlp_ratio), name="mlp", **kw)(y)
+        return constrain_tokens(x + Mlp(int(x.shape[-1] * self.mlp_ratio), name="mlp", **kw)(y))
 
 
 def patchify(images, patch_size: int):
