@@ -88,6 +88,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Recompute blocks in the backward pass: none | full | dots_saveable |
     # dots_with_no_batch_dims_saveable (models/layers.py REMAT_POLICIES).
     config.model.remat = "none"
+    # nn.scan over the layers of the encoder, the predictor and the text encoder: one layer is
+    # compiled instead of all (compile time); parameters are stacked on a "layers" axis, so a
+    # checkpoint restores only into the layout it was written with.
+    config.model.scan_layers = False
     config.model.predictor_width = 384
     config.model.predictor_depth = 6
     config.model.predictor_heads = 12   # docs/method.md: equal to the encoder's
@@ -134,6 +138,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.sharding_rules = (
             ("embed", "fsdp"), ("text_embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
             ("kv", None), ("vocab", None), ("patch", None), ("relpos_buckets", None),
+            ("layers", None),
             ("act_batch", ("data", "fsdp")), ("act_len", None), ("act_embed", None),
             ("act_mlp", "tensor"), ("act_heads", "tensor"), ("act_kv", None),
     )

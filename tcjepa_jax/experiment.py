@@ -5,7 +5,10 @@ of the user (config, data paths, tokenizer files) fails here with a UserError, b
 compilation.
 """
 
+import math
 from typing import Any, NamedTuple
+
+import jax
 
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
@@ -31,16 +34,19 @@ def setup(config, workdir: str, with_data: bool = True) -> Experiment:
     try:
         validate_config(config)
         mesh = shard_lib.make_mesh(config)
-        if config.batch_size % mesh.size:
-            raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
-                             f"{mesh.size} devices of the mesh.")
-        accum = config.get("grad_accum", 1)
-        if accum < 1 or config.batch_size % (mesh.size * accum):
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch is split over these
+        if config.batch_size % shards or config.batch_size % jax.process_count():
             raise ValueError(
-                f"grad_accum={accum}: every device's share of batch_size={config.batch_size} "
-                f"({config.batch_size // mesh.size} over {mesh.size} devices) must split into "
-                f"{accum} equal micro-batches; choose grad_accum >= 1 dividing "
-                f"{config.batch_size // mesh.size}.")
+                f"batch_size={config.batch_size} must divide over the {shards} batch shards of "
+                f"the mesh (data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}) and the "
+                f"{jax.process_count()} hosts; choose a multiple of "
+                f"{math.lcm(shards, jax.process_count())}.")
+        accum = config.get("grad_accum", 1)
+        if accum < 1 or (config.batch_size // shards) % accum:
+            raise ValueError(
+                f"grad_accum={accum}: each batch shard's {config.batch_size // shards} examples "
+                f"(batch_size={config.batch_size} over {shards} shards) must split into {accum} "
+                f"equal micro-batches; choose grad_accum >= 1 dividing {config.batch_size // shards}.")
         source = None
         if with_data:
             source = pipeline.make_source(config.input, config.input.split)

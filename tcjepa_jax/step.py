@@ -41,7 +41,8 @@ def build_models(config, vocab_size: int) -> Models:
         raise ValueError(f"input.image_size={image_size} is not a multiple of the patch size "
                          f"{enc['patch_size']} of model.encoder={config.model.encoder!r}.")
     grid = (image_size // enc["patch_size"],) * 2
-    encoder = VisionTransformer(**enc, dtype=dtype, remat=config.model.remat)
+    scan = bool(config.model.get("scan_layers", False))
+    encoder = VisionTransformer(**enc, dtype=dtype, remat=config.model.remat, scan=scan)
     predictor = Predictor(
         enc_width=enc["width"],
         width=config.model.predictor_width,
@@ -51,10 +52,12 @@ def build_models(config, vocab_size: int) -> Models:
         cond_mlp_ratio=config.model.cond_mlp_ratio,
         dtype=dtype,
         remat=config.model.remat,
+        scan=scan,
     )
     text = None
     if config.model.conditioning != "none":
-        text = T5Encoder(vocab_size=vocab_size, **T5_SIZES[config.model.text], dtype=dtype)
+        text = T5Encoder(vocab_size=vocab_size, **T5_SIZES[config.model.text], dtype=dtype,
+                         scan=scan)
     mask_spec = MaskSpec.from_config(config.masks, grid)
     return Models(encoder, predictor, text, grid, mask_spec)
 

@@ -63,6 +63,7 @@ def train(config, workdir: str) -> dict:
         state, start_step = step_lib.create_train_state(models, config, tx, shardings), 0
     else:
         logging.info("Resuming from %s at step %d.", checkpointer.directory, start_step)
+        _check_layout(checkpointer.restore_config(start_step), config)
         abstract = jax.eval_shape(
             lambda: step_lib.create_train_state(models, config, tx, shardings))
         state = checkpointer.restore(
@@ -115,6 +116,17 @@ def train(config, workdir: str) -> dict:
     logging.info("Done. Checkpoints: %s; TensorBoard: tensorboard --logdir %s",
                  checkpointer.directory, os.path.join(os.path.abspath(workdir), "tensorboard"))
     return metrics
+
+
+def _check_layout(saved: dict, config):
+    """Scanned and unrolled layers store parameters differently: say so instead of failing
+    deep inside Orbax (models/scan_params.py converts parameter trees between the two)."""
+    was = bool(saved.get("model", {}).get("scan_layers", False))
+    if was != bool(config.model.get("scan_layers", False)):
+        raise UserError(
+            f"The checkpoint was written with model.scan_layers={was}, this run has "
+            f"model.scan_layers={not was}; their parameters are laid out differently. Resume "
+            f"with --config.model.scan_layers={was}, or start a new workdir.")
 
 
 def _log_model(config, mesh, models, shardings):

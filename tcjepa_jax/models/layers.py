@@ -74,6 +74,40 @@ def remat(module_cls, policy):
     return nn.remat(module_cls, policy=getattr(jax.checkpoint_policies, policy))
 
 
+class _ScanStep(nn.Module):
+    """Adapts a layer (x, *args) -> x to nn.scan's (carry, *args) -> (carry, output)."""
+    layer_cls: Any
+    layer_kwargs: dict
+
+    @nn.compact
+    def __call__(self, x, *args):
+        out = self.layer_cls(name="layer", **self.layer_kwargs)(x, *args)
+        return out if isinstance(out, tuple) else (out, None)
+
+
+def apply_layers(layer_cls, depth: int, x, *args, name: str, scan: bool = False,
+                 remat_policy="none", **layer_kwargs):
+    """Applies `depth` layers of `layer_cls(**layer_kwargs)` to x, each taking (x, *args).
+
+    Unscanned (the default), the layers are modules f"{name}_{i}"; with `scan`, one nn.scan
+    module f"{name}s" whose parameters are stacked on a leading axis named "layers": one layer
+    is traced and compiled instead of `depth` (compile time, program size). A layer may return
+    (x, y); the ys are then returned stacked, (depth, ...), next to x.
+    """
+    if not scan:
+        cls, ys = remat(layer_cls, remat_policy), []
+        for i in range(depth):
+            out = cls(name=f"{name}_{i}", **layer_kwargs)(x, *args)
+            x, y = out if isinstance(out, tuple) else (out, None)
+            ys.append(y)
+        stacked = None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys)
+        return x, stacked
+    step = nn.scan(remat(_ScanStep, remat_policy), variable_axes={"params": 0},
+                   split_rngs={"params": True}, in_axes=nn.broadcast, length=depth,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+    return step(layer_cls, layer_kwargs, name=f"{name}s")(x, *args)
+
+
 def attend(q, k, v, key_valid=None, bias=None, scale=None):
     """Multi-head attention core. q (B,T,H,D), k/v (B,S,H,D), key_valid bool (B,S), bias
     broadcastable to (B,H,T,S). Returns (B,T,H,D) in q's dtype. `scale` defaults to 1/sqrt(D).

@@ -10,8 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tcjepa_jax.models.layers import (HEADS, Mlp, attend, constrain_tokens, dense, layer_norm,
-                                     remat, trunc_normal)
+from tcjepa_jax.models.layers import (HEADS, Mlp, apply_layers, attend, constrain_tokens, dense,
+                                     layer_norm, remat, trunc_normal)
 from tcjepa_jax.models.vit import Block, sincos_2d
 
 Dtype = Any
@@ -118,6 +118,7 @@ class Predictor(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: Any = "none"  # layers.REMAT_POLICIES
+    scan: bool = False   # nn.scan over the layers (see _scanned_layers)
 
     @nn.compact
     def __call__(self, ctx, ctx_idx, ctx_valid, tgt_idx, tgt_valid, text, text_mask,
@@ -145,6 +146,19 @@ class Predictor(nn.Module):
         valid = jnp.concatenate([jnp.repeat(ctx_valid.astype(bool), k, axis=0),
                                  tgt_valid.astype(bool).reshape(b * k, nt)], axis=1)
 
+        if self.scan:
+            x, os = self._scanned_layers(x, valid, text, text_mask, caption_valid, kw)
+        else:
+            x, os = self._layers(x, valid, text, text_mask, caption_valid, b, k, nc, nt, kw)
+
+        x = layer_norm("norm", **kw)(x)
+        x = dense(self.enc_width, ("embed", None), name="proj", **kw)(x[:, nc:])
+        aux = text_penalties(os, valid.reshape(b, k * (nc + nt)), text_mask.astype(bool),
+                             caption_valid.astype(bool))
+        return x.reshape(b, k, nt, self.enc_width).astype(jnp.float32), aux
+
+    def _layers(self, x, valid, text, text_mask, caption_valid, b, k, nc, nt, kw):
+        """Unrolled: modules block_i and cond_i."""
         block = remat(Block, self.remat)
         cond = remat(TextConditioner, self.remat)
         os = []
@@ -160,9 +174,47 @@ class Predictor(nn.Module):
             x = xb.reshape(b * k, nc + nt, self.width)
             if o is not None:
                 os.append(o)
+        return x, os
 
-        x = layer_norm("norm", **kw)(x)
-        x = dense(self.enc_width, ("embed", None), name="proj", **kw)(x[:, nc:])
-        aux = text_penalties(os, valid.reshape(b, k * (nc + nt)), text_mask.astype(bool),
-                             caption_valid.astype(bool))
-        return x.reshape(b, k, nt, self.enc_width).astype(jnp.float32), aux
+    def _scanned_layers(self, x, valid, text, text_mask, caption_valid, kw):
+        """nn.scan over PredictorLayer ("layers", stacked); with conditioning "first", layer 0
+        (the conditioned one) is a module of its own, "layer_0", before the scanned rest."""
+        mode = {"all": "words", "first": "words", "caption": "caption", "none": None}
+        layer_kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                        cond_mode=mode[self.conditioning], cond_mlp_ratio=self.cond_mlp_ratio,
+                        **kw)
+        args = (valid, text, text_mask, caption_valid)
+        os, depth = [], self.depth
+        if self.conditioning == "first":
+            x, o = remat(PredictorLayer, self.remat)(name="layer_0", **layer_kw)(x, *args)
+            os, depth, layer_kw = [o], depth - 1, dict(layer_kw, cond_mode=None)
+        if depth:
+            x, o = apply_layers(PredictorLayer, depth, x, *args, name="layer", scan=True,
+                                remat_policy=self.remat, **layer_kw)
+            if o is not None:
+                os.extend(o[i] for i in range(depth))
+        return x, os
+
+
+class PredictorLayer(nn.Module):
+    """One predictor layer for nn.scan: a Block, then the text conditioner (cond_mode "words"
+    or "caption"; None: no conditioner). Returns (x, O or None)."""
+    num_heads: int
+    mlp_ratio: float
+    cond_mode: Any
+    cond_mlp_ratio: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, valid, text, text_mask, caption_valid):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Block(self.num_heads, self.mlp_ratio, name="block", **kw)(x, valid)
+        if self.cond_mode is None:
+            return x, None
+        bk, t, width = x.shape
+        b = text.shape[0]
+        xb, o = TextConditioner(self.num_heads, self.cond_mlp_ratio, self.cond_mode,
+                                name="cond", **kw)(x.reshape(b, (bk // b) * t, width), text,
+                                                   text_mask, caption_valid)
+        return xb.reshape(bk, t, width), o

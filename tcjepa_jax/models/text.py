@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcjepa_jax.models.layers import HEADS, attend, constrain_tokens, dense
+from tcjepa_jax.models.layers import HEADS, apply_layers, attend, constrain_tokens, dense
 
 Dtype = Any
 
@@ -143,6 +143,7 @@ class T5Encoder(nn.Module):
     max_distance: int = 128
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan: bool = False  # nn.scan over the blocks (parameters "blocks", stacked)
 
     @nn.compact
     def __call__(self, ids, mask):
@@ -163,8 +164,8 @@ class T5Encoder(nn.Module):
             (self.num_buckets, self.num_heads), self.param_dtype)
         bias = jnp.asarray(table, jnp.float32)[buckets].transpose(2, 0, 1)[None]  # (1,H,S,S)
 
-        for i in range(self.depth):
-            x = T5Block(self.num_heads, self.head_dim, self.mlp_dim, self.dtype,
-                        self.param_dtype, name=f"block_{i}")(x, mask, bias)
+        x, _ = apply_layers(T5Block, self.depth, x, mask, bias, name="block", scan=self.scan,
+                            num_heads=self.num_heads, head_dim=self.head_dim,
+                            mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype)
         x = RMSNorm(jnp.float32, self.param_dtype, name="final_layer_norm")(x)
         return x.reshape(*lead, seq, self.width)

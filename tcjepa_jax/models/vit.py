@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from tcjepa_jax.models.layers import (Mlp, SelfAttention, constrain_tokens, dense, layer_norm,
-                                     remat)
+from tcjepa_jax.models.layers import (Mlp, SelfAttention, apply_layers, constrain_tokens, dense,
+                                     layer_norm)
 
 Dtype = Any
 
@@ -97,6 +97,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: Any = "none"  # layers.REMAT_POLICIES: recompute blocks in the backward pass
+    scan: bool = False   # nn.scan over the blocks (parameters "blocks", stacked)
 
     @nn.compact
     def __call__(self, images, keep_idx=None, keep_valid=None):
@@ -109,8 +110,8 @@ class VisionTransformer(nn.Module):
         x = x + jnp.asarray(sincos_2d(gh, gw, self.width), self.dtype)[None]
         if keep_idx is not None:
             x = jnp.take_along_axis(x, keep_idx[..., None], axis=1)
-        block = remat(Block, self.remat)
-        for i in range(self.depth):
-            x = block(self.num_heads, self.mlp_ratio, name=f"block_{i}", **kw)(x, keep_valid)
+        x, _ = apply_layers(Block, self.depth, x, keep_valid, name="block", scan=self.scan,
+                            remat_policy=self.remat, num_heads=self.num_heads,
+                            mlp_ratio=self.mlp_ratio, **kw)
         # Final LN in float32: its output feeds the predictor and the loss targets.
         return layer_norm("norm", jnp.float32, self.param_dtype)(x)
