@@ -60,11 +60,11 @@ CHIPS = (
 def chip_for_device_kind(kind: str) -> Optional[Chip]:
     """The chip a jax Device.device_kind names, or None if it is not in the table.
 
-    An exact (case-insensitive) name wins; otherwise the longest known name that starts the
-    given one, so "NVIDIA H100 80GB HBM3 (custom)" is still an H100 while "TPU v5 lite" never
-    falls back to v5p's "TPU v5".
+    TPU kinds must match exactly (case-insensitively): "TPU v5" is a v5p, "TPU v5 lite" a v5e,
+    and a kind we do not know must not borrow a neighbour's numbers. An unknown NVIDIA kind
+    takes the longest known name it starts with ("NVIDIA H100 80GB HBM3 xyz" is an H100).
     """
-    kind = (kind or "").strip().lower()
+    kind = " ".join((kind or "").lower().split())
     if not kind:
         return None
     best, best_len = None, -1
@@ -73,7 +73,8 @@ def chip_for_device_kind(kind: str) -> Optional[Chip]:
             known = known.lower()
             if kind == known:
                 return chip
-            if kind.startswith(known) and not kind[len(known)].isalnum() and len(known) > best_len:
+            if (known.startswith("nvidia") and kind.startswith(known + " ")
+                    and len(known) > best_len):
                 best, best_len = chip, len(known)
     return best
 
