@@ -17,8 +17,6 @@ def _one_step(tokenizer_path, accum, mesh=(("data", 2), ("fsdp", 2)), conditioni
     config.grad_accum = accum
     config.model.conditioning = conditioning
     run = test_train.Setup(config, devices=jax.devices()[:4])
-    run.step = step_lib.jit_train_step(  # with the mesh: micro-batch layout pinned
-        step_lib.make_train_step(run.models, config, run.tx, run.mesh), run.shardings, run.mesh)
     state = step_lib.create_train_state(run.models, config, run.tx, run.shardings)
     it = pipeline.make_train_iterator(config, run.tokenizer, run.models.mask_spec)
     batch = run.batch(next(it))

@@ -31,9 +31,6 @@ def runs(tokenizer_path):
     for name, mesh in MESHES.items():
         config = test_train.tiny_config(tokenizer_path, mesh=mesh)
         run = test_train.Setup(config)
-        run.step = step_lib.jit_train_step(  # with the mesh: activation constraints on
-            step_lib.make_train_step(run.models, config, run.tx, run.mesh), run.shardings,
-            run.mesh)
         if host_batches is None:
             it = pipeline.make_train_iterator(config, run.tokenizer, run.models.mask_spec)
             host_batches = [next(it) for _ in range(STEPS)]

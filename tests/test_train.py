@@ -109,7 +109,8 @@ class Setup:
         self.shardings = step_lib.state_shardings(self.models, config, self.tx, self.mesh)
         self.batch_sharding = shard_lib.batch_sharding(self.mesh)
         self.step = step_lib.jit_train_step(
-            step_lib.make_train_step(self.models, config, self.tx), self.shardings, self.mesh)
+            step_lib.make_train_step(self.models, config, self.tx, self.mesh), self.shardings,
+            self.mesh)
 
     def state(self, host_state):
         """A fresh device copy of `host_state` in this mesh's layout (the step donates its input)."""

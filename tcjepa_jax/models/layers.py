@@ -100,7 +100,7 @@ def apply_layers(layer_cls, depth: int, x, *args, name: str, scan: bool = False,
             out = cls(name=f"{name}_{i}", **layer_kwargs)(x, *args)
             x, y = out if isinstance(out, tuple) else (out, None)
             ys.append(y)
-        stacked = None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys)
+        stacked = None if not ys or ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys)
         return x, stacked
     step = nn.scan(remat(_ScanStep, remat_policy), variable_axes={"params": 0},
                    split_rngs={"params": True}, in_axes=nn.broadcast, length=depth,
