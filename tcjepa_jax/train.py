@@ -80,6 +80,9 @@ def train(config, workdir: str) -> dict:
         logging.info("Compiled the train step in %.1fs (%.3g FLOPs per step and device).",
                      time.time() - t0, flops)
         peak = chips.peak_flops(config, jax.devices()[0])
+        if config.model.get("scan_layers", False):
+            logging.warning("%s MFU is not logged.", step_lib.SCAN_FLOPS_WARNING)
+            peak = None
         progress = Progress(config.total_steps, config.batch_size, flops, start_step, peak)
         profiler = Profiler(config, workdir)
 

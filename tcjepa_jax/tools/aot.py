@@ -194,6 +194,7 @@ def analyse(config, topology: str, assumed_mfu: float) -> dict:
     flops = step_lib.compiled_flops(compiled)
     step_s = flops / (peak * assumed_mfu) if flops > 0 else float("nan")
     report.update(memory=memory, flops_per_device=flops, fits=memory["total"] <= hbm,
+                  scan_layers=bool(config.model.get("scan_layers", False)),
                   est_step_s=step_s, est_images_per_s=config.batch_size / step_s)
     _print_numbers(report)
     if not report["fits"]:
@@ -280,6 +281,8 @@ def _print_numbers(report):
     print(f"  {'total':15s} {_gib(mem['total']):>12s}  = {mem['total'] / hbm:.1%} of "
           f"{_gib(hbm)} HBM")
     print(f"FLOPs per step per {unit}: {report['flops_per_device']:.3e} (XLA cost analysis)")
+    if report.get("scan_layers"):
+        print(f"  warning: {step_lib.SCAN_FLOPS_WARNING} The step-time estimate is too low too.")
     print(f"estimate at an assumed {report['assumed_mfu']:.0%} MFU (an assumption, not a "
           f"measurement): {report['est_step_s'] * 1e3:.1f} ms/step, "
           f"{report['est_images_per_s']:.0f} images/s")
