@@ -6,6 +6,8 @@ docs/method.md calls open is a field here, so a sweep can change it.
 
 import ml_collections
 
+from tcjepa_jax import sweeps
+
 from tcjepa_jax.models.vit import vit_config
 
 
@@ -182,8 +184,8 @@ def paper_config(arg: str, *, name: str, encoder: str, dataset: str, epochs: int
                  warmup_epochs: int, lr_start: float = 1e-4) -> ml_collections.ConfigDict:
     """One paper run. `arg` (comma separated): `ijepa` = the I-JEPA baseline of the same run,
     `runlocal` = the same recipe shrunk to run on a laptop CPU in about a minute on the
-    synthetic scenes."""
-    args = set(filter(None, (arg or "").split(",")))
+    synthetic scenes; `sweep=NAME` picks the ablation get_sweep returns (paper_sweep)."""
+    args = {a for a in (arg or "").split(",") if a and not a.startswith("sweep=")}
     unknown = args - {"ijepa", "runlocal"}
     if unknown:
         raise ValueError(f"unknown config arguments {sorted(unknown)}; use ijepa and/or runlocal.")
@@ -241,3 +243,34 @@ def paper_config(arg: str, *, name: str, encoder: str, dataset: str, epochs: int
         config.model.remat = "none"
         config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
     return config
+
+
+# ---- The paper's ablations as sweeps (python launch/sweep.py, docs/launch.md) ------------------
+
+# Target-block scale ranges from small to large blocks; (0.15, 0.2) is the I-JEPA default.
+MASK_SCALES = ((0.05, 0.1), (0.1, 0.15), (0.15, 0.2), (0.2, 0.3))
+
+PAPER_SWEEPS = {
+    # Where the predictor reads the captions: every layer, the first only, one pooled caption
+    # vector, or nowhere (I-JEPA).
+    "conditioning": lambda: sweeps.axis("model.conditioning", ["all", "first", "caption", "none"]),
+    # The sparsity penalty's and the consistency term's weights, lambda and beta, each on / off.
+    "penalties": lambda: sweeps.product(sweeps.axis("loss.sparse_weight", [0.0, 0.1]),
+                                        sweeps.axis("loss.consistency_weight", [0.0, 0.5])),
+    # The prediction loss: smooth-L1 (the I-JEPA code) or the paper's per-patch L2.
+    "loss": lambda: sweeps.axis("loss.pred", ["smooth_l1", "l2"]),
+    # Mask-scale sensitivity, TC-JEPA against I-JEPA (the paper predicts a flatter curve for
+    # TC-JEPA). Larger blocks than masks.max_target are subsampled (docs/method.md).
+    "mask_scales": lambda: sweeps.product(sweeps.axis("model.conditioning", ["all", "none"]),
+                                          sweeps.axis("masks.target_scale", list(MASK_SCALES))),
+}
+
+
+def paper_sweep(arg: str) -> list:
+    """get_sweep of the paper configs: `sweep=NAME` in the config argument picks one of
+    PAPER_SWEEPS (default: conditioning), e.g. configs/in1k_vit_b16.py:sweep=penalties."""
+    names = [a.split("=", 1)[1] for a in (arg or "").split(",") if a.startswith("sweep=")]
+    name = names[-1] if names else "conditioning"
+    if name not in PAPER_SWEEPS:
+        raise ValueError(f"unknown sweep {name!r}; choose one of {sorted(PAPER_SWEEPS)}.")
+    return PAPER_SWEEPS[name]()

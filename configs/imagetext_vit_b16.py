@@ -3,6 +3,7 @@
     python -m tcjepa_jax.train --config=configs/imagetext_vit_b16.py            # TC-JEPA
     python -m tcjepa_jax.train --config=configs/imagetext_vit_b16.py:ijepa      # its I-JEPA baseline
     python -m tcjepa_jax.train --config=configs/imagetext_vit_b16.py:runlocal   # the recipe, tiny, on CPU
+    python launch/sweep.py --config=configs/imagetext_vit_b16.py:sweep=conditioning   # an ablation (docs/launch.md)
 
 Data: ArrayRecord shards in data/cc12m and data/yfcc15m, read as one dataset (docs/data.md),
 each from a folder of downloaded images plus its caption file:
@@ -23,3 +24,7 @@ from configs import common
 def get_config(arg: str = ""):
     return common.paper_config(arg, name="imagetext_vit_b16", encoder="B/16", dataset="cc12m_yfcc15m",
                                epochs=50, warmup_epochs=10)
+
+
+def get_sweep(arg: str = ""):
+    return common.paper_sweep(arg)

@@ -3,6 +3,7 @@
     python -m tcjepa_jax.train --config=configs/in1k_vit_b16.py            # TC-JEPA
     python -m tcjepa_jax.train --config=configs/in1k_vit_b16.py:ijepa      # its I-JEPA baseline
     python -m tcjepa_jax.train --config=configs/in1k_vit_b16.py:runlocal   # the recipe, tiny, on CPU
+    python launch/sweep.py --config=configs/in1k_vit_b16.py:sweep=conditioning   # an ablation (docs/launch.md)
 
 Data: ImageNet-1k from TFDS (ArrayRecord format) plus a caption file (docs/data.md):
   1. Prepare the TFDS dataset once (ImageNet needs its manual download in the manual_dir):
@@ -28,3 +29,7 @@ from configs import common
 def get_config(arg: str = ""):
     return common.paper_config(arg, name="in1k_vit_b16", encoder="B/16", dataset="imagenet2012",
                                epochs=600, warmup_epochs=15)
+
+
+def get_sweep(arg: str = ""):
+    return common.paper_sweep(arg)

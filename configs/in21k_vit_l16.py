@@ -3,6 +3,7 @@
     python -m tcjepa_jax.train --config=configs/in21k_vit_l16.py            # TC-JEPA
     python -m tcjepa_jax.train --config=configs/in21k_vit_l16.py:ijepa      # its I-JEPA baseline
     python -m tcjepa_jax.train --config=configs/in21k_vit_l16.py:runlocal   # the recipe, tiny, on CPU
+    python launch/sweep.py --config=configs/in21k_vit_l16.py:sweep=conditioning   # an ablation (docs/launch.md)
 
 Data: ArrayRecord shards in data/imagenet21k (docs/data.md), from a folder of class
 subfolders (labels from the folder names) and a caption file:
@@ -21,3 +22,7 @@ from configs import common
 def get_config(arg: str = ""):
     return common.paper_config(arg, name="in21k_vit_l16", encoder="L/16", dataset="imagenet21k",
                                epochs=90, warmup_epochs=15)
+
+
+def get_sweep(arg: str = ""):
+    return common.paper_sweep(arg)

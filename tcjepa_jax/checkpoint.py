@@ -14,10 +14,12 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from tcjepa_jax import paths
+
 
 class Checkpointer:
     def __init__(self, workdir: str, config):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = paths.absolute(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=config.checkpoint_every,
             max_to_keep=config.keep_checkpoints,

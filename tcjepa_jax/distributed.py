@@ -31,7 +31,20 @@ def cluster_detected(environ=os.environ) -> bool:
         return False  # a single-task SLURM job is one process
     if "TPU_WORKER_HOSTNAMES" in environ and "," not in environ["TPU_WORKER_HOSTNAMES"]:
         return False  # a single-host TPU VM
-    return any(name in environ for name in _CLUSTER_MARKERS)
+    return any(name in environ for name in _CLUSTER_MARKERS) or _cloud_tpu_vm(environ)
+
+
+def _cloud_tpu_vm(environ) -> bool:
+    """A Cloud TPU VM created with gcloud lists its slice's hosts in the TPU metadata, not in
+    the environment: ask JAX's own detector (which reads that metadata). Initialising on a
+    single-host VM is harmless (one process)."""
+    if environ is not os.environ or "TPU_SKIP_MDS_QUERY" in environ:
+        return False
+    try:
+        from jax._src.clusters import cloud_tpu_cluster  # private: guarded, may move
+        return bool(cloud_tpu_cluster.GceTpuCluster.is_env_present())
+    except Exception:  # noqa: BLE001 - no detector or no metadata server: not a TPU VM
+        return False
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,

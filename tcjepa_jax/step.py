@@ -287,15 +287,9 @@ def make_train_step(models: Models, config, tx, mesh=None):
     return train_step
 
 
-# XLA's cost analysis counts the body of a loop once, not once per iteration.
-SCAN_FLOPS_WARNING = ("model.scan_layers=True: XLA's cost analysis counts a scanned layer once, "
-                      "not once per layer, so the FLOPs (and TFLOP/s, MFU) reported are too low; "
-                      "measure FLOPs with scan_layers=False.")
-
-
 def compiled_flops(compiled) -> float:
-    """FLOPs of one call of a compiled program on one device (XLA's cost analysis; undercounted
-    with model.scan_layers, see SCAN_FLOPS_WARNING)."""
+    """FLOPs of one call of a compiled program on one device (XLA's cost analysis, which counts
+    a loop body once: tcjepa_jax/flops.py counts scanned steps)."""
     cost = compiled.cost_analysis() or {}
     return float(cost.get("flops", 0.0)) if isinstance(cost, dict) else 0.0
 

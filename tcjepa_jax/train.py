@@ -6,6 +6,7 @@ With no flags it trains the embedded default (configs/synthetic_tiny.py) into
 runs/synthetic_tiny. A workdir that holds checkpoints is resumed from its latest one.
 """
 
+import json
 import os
 import sys
 import time
@@ -18,7 +19,9 @@ from ml_collections import config_flags
 from tcjepa_jax import checkpoint as ckpt_lib
 from tcjepa_jax import chips
 from tcjepa_jax import distributed
+from tcjepa_jax import flops as flops_lib
 from tcjepa_jax import optim
+from tcjepa_jax import paths
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
 from tcjepa_jax.config_lib import DEFAULT_CONFIG, UserError, run_command
@@ -37,12 +40,17 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-host: number of
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's id.")
 
 
+# Written by process 0 when a run has reached config.total_steps.
+FINAL_METRICS = "final_metrics.json"
+
+
 # ---- Train -----------------------------------------------------------------------------------
 
 def train(config, workdir: str) -> dict:
     """Trains to config.total_steps (resuming if possible); returns the final metrics."""
-    os.makedirs(workdir, exist_ok=True)
-    logging.info("Run %s in %s.", config.name, os.path.abspath(workdir))
+    workdir = paths.absolute(workdir)
+    paths.makedirs(workdir)
+    logging.info("Run %s in %s.", config.name, workdir)
     mesh, tokenizer, models, source = setup(config, workdir)
     tx = optim.make_optimizer(config)
     shardings = step_lib.state_shardings(models, config, tx, mesh)
@@ -76,13 +84,10 @@ def train(config, workdir: str) -> dict:
         t0 = time.time()
         logging.info("Compiling the train step...")
         compiled = train_step.lower(state, batch).compile()
-        flops = step_lib.compiled_flops(compiled)
+        flops = _step_flops(compiled, config, models, mesh)
         logging.info("Compiled the train step in %.1fs (%.3g FLOPs per step and device).",
                      time.time() - t0, flops)
-        peak = chips.peak_flops(config, jax.devices()[0])
-        if config.model.get("scan_layers", False):
-            logging.warning("%s MFU is not logged.", step_lib.SCAN_FLOPS_WARNING)
-            peak = None
+        peak = chips.peak_flops(config, jax.devices()[0]) if flops > 0 else None
         progress = Progress(config.total_steps, config.batch_size, flops, start_step, peak)
         profiler = Profiler(config, workdir)
 
@@ -116,9 +121,33 @@ def train(config, workdir: str) -> dict:
         writer.write(config.total_steps, {k: v for k, v in metrics.items() if k.startswith("probe")})
     writer.close()
     checkpointer.close()
+    _write_final_metrics(workdir, config, metrics)
     logging.info("Done. Checkpoints: %s; TensorBoard: tensorboard --logdir %s",
-                 checkpointer.directory, os.path.join(os.path.abspath(workdir), "tensorboard"))
+                 checkpointer.directory, os.path.join(workdir, "tensorboard"))
     return metrics
+
+
+def _write_final_metrics(workdir: str, config, metrics: dict):
+    """workdir/final_metrics.json: the run reached total_steps (launch/sweep.py reads it to
+    skip finished runs and to tabulate results)."""
+    if jax.process_index() != 0:
+        return
+    scalars = {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
+    paths.write_text(os.path.join(workdir, FINAL_METRICS), json.dumps(
+        {"name": config.name, "step": config.total_steps, "metrics": scalars}, indent=2))
+
+
+def _step_flops(compiled, config, models, mesh) -> float:
+    """FLOPs per step and device; counted on the unrolled step when the compiled one loops over
+    layers or micro-batches (XLA counts a loop body once; tcjepa_jax/flops.py)."""
+    if not flops_lib.needs_unrolled_count(config):
+        return step_lib.compiled_flops(compiled)
+    try:
+        vocab = models.text.vocab_size if models.text is not None else 0
+        return flops_lib.unrolled_step_flops(config, vocab, dict(mesh.shape))
+    except RuntimeError as e:
+        logging.warning("TFLOP/s and MFU are not logged: %s", e)
+        return 0.0
 
 
 def _check_layout(saved: dict, config):

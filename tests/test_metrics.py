@@ -4,10 +4,15 @@ import glob
 import os
 import signal
 
+import jax
 import numpy as np
 import pytest
 
 from tcjepa_jax import chips
+from tcjepa_jax import flops as flops_lib
+from tcjepa_jax import optim
+from tcjepa_jax import sharding as shard_lib
+from tcjepa_jax import step as step_lib
 from tcjepa_jax import train as train_lib
 from tcjepa_jax.metrics import Progress
 
@@ -60,3 +65,28 @@ def test_training_logs_mfu_and_writes_a_profile(tokenizer_path, tmp_path):
     traces = glob.glob(os.path.join(tmp_path, "run", "tensorboard", "plugins", "profile", "*",
                                     "*.xplane.pb"))
     assert traces, os.listdir(tmp_path / "run" / "tensorboard")
+
+
+def test_flops_of_scanned_and_accumulated_steps_are_counted_unrolled(tokenizer_path):
+    """XLA counts a loop body once; the count from the unrolled step must match the compiled
+    unrolled step's own count, whatever scan_layers and grad_accum say."""
+    config = test_train.tiny_config(tokenizer_path)
+    config.model.text_vocab_size = 512
+    config.mesh = (("data", 1), ("fsdp", 1), ("tensor", 1))
+    models = step_lib.build_models(config, 512)
+    mesh = shard_lib.make_mesh(config, devices=jax.devices()[:1])
+    tx = optim.make_optimizer(config)
+    shardings = step_lib.state_shardings(models, config, tx, mesh)
+    state, batch = flops_lib.abstract_inputs(models, config, tx, shardings, mesh)
+    step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx, mesh),
+                                   shardings, mesh)
+    reference = step_lib.compiled_flops(step.lower(state, batch).compile())
+
+    looped = config.copy_and_resolve_references()
+    looped.model.scan_layers, looped.grad_accum = True, 2
+    assert flops_lib.needs_unrolled_count(looped) and not flops_lib.needs_unrolled_count(config)
+    counted = flops_lib.unrolled_step_flops(looped, 512, {"data": 1, "fsdp": 1, "tensor": 1})
+    assert counted == pytest.approx(reference, rel=0.05)
+    # One device of a 4-way data mesh does a quarter of the work; tensor=2 halves it again.
+    quarter = flops_lib.unrolled_step_flops(looped, 512, {"data": 4, "fsdp": 1, "tensor": 2})
+    assert quarter == pytest.approx(reference / 8, rel=0.1)

@@ -11,6 +11,8 @@ from typing import Callable, Iterable
 import numpy as np
 import sentencepiece as spm
 
+from tcjepa_jax import paths
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 
@@ -18,11 +20,10 @@ class Tokenizer:
     """Wraps a SentencePiece model. Picklable (carries the serialized model)."""
 
     def __init__(self, model_path: str):
-        if not os.path.exists(model_path):
+        if not paths.exists(model_path):
             raise FileNotFoundError(f"SentencePiece model not found: {model_path}")
         self.model_path = model_path
-        with open(model_path, "rb") as f:
-            self._load(f.read())
+        self._load(paths.read_bytes(model_path))
 
     def _load(self, proto: bytes) -> None:
         self._proto = proto
@@ -110,19 +111,25 @@ def load_or_train_tokenizer(model_path: str | None, workdir: str, vocab_size: in
                                                         sentences_fn: Callable[[], Iterable[str]]) -> Tokenizer:
     """Loads `model_path`; or, if None, trains into `workdir`/tokenizer.model unless it is there."""
     if model_path:
-        if not os.path.exists(model_path):
+        if not paths.exists(model_path):
             raise FileNotFoundError(
                     f"tokenizer.model_path={model_path!r} does not exist. Train one with "
                     "`python -m tcjepa_jax.tools.train_tokenizer`, or set tokenizer.model_path=\"\" "
                     "to train one on the training captions into the workdir.")
         return Tokenizer(model_path)
     path = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(path):
+    if not paths.exists(path):
         sentences = iter(sentences_fn())
         first = next(sentences, None)
         if first is None:
             raise ValueError("The training data has no captions to train a tokenizer on; set "
                              "tokenizer.model_path, or give the data captions (input.caption_file).")
-        train_tokenizer(itertools.chain([first], sentences), os.path.join(workdir, "tokenizer"),
-                        vocab_size)
+        if paths.is_url(workdir):  # SentencePiece writes local files: train here, then upload
+            with tempfile.TemporaryDirectory() as tmp:
+                local = train_tokenizer(itertools.chain([first], sentences),
+                                        os.path.join(tmp, "tokenizer"), vocab_size)
+                paths.copy_local_file(local, path)
+        else:
+            train_tokenizer(itertools.chain([first], sentences), os.path.join(workdir, "tokenizer"),
+                            vocab_size)
     return Tokenizer(path)

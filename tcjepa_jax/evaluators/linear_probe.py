@@ -17,6 +17,7 @@ import optax
 from absl import logging
 from flax import linen as nn
 
+from tcjepa_jax import paths
 from tcjepa_jax import step as step_lib
 from tcjepa_jax.data import pipeline
 
@@ -122,6 +123,5 @@ def probe_trained_and_init(config, workdir: str, models, ema_params) -> dict:
              f"random init {results[f'probe/{task}/random_init']:.3f}" for task in config.probe.tasks]
     logging.info("Linear probe accuracy on held-out synthetic scenes:\n%s", "\n".join(lines))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "probe.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        paths.write_text(os.path.join(workdir, "probe.json"), json.dumps(results, indent=2))
     return results

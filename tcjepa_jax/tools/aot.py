@@ -33,8 +33,8 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from tcjepa_jax import checkpoint as ckpt_lib  # noqa: E402
 from tcjepa_jax import chips  # noqa: E402
+from tcjepa_jax import flops as flops_lib  # noqa: E402
 from tcjepa_jax import optim  # noqa: E402
 from tcjepa_jax import sharding as shard_lib  # noqa: E402
 from tcjepa_jax import step as step_lib  # noqa: E402
@@ -96,20 +96,6 @@ def devices_per_chip(devices) -> int:
     return max(per_chip.values())
 
 
-# ---- Abstract inputs -------------------------------------------------------------------------
-
-def abstract_inputs(models, config, tx, shardings, mesh):
-    """ShapeDtypeStructs, with their shardings, of the train state and a global batch."""
-    state_shapes = jax.eval_shape(
-        lambda: step_lib.create_train_state(models, config, tx, shardings))
-    state = ckpt_lib.abstract_like(state_shapes, shardings)
-    batch_sharding = shard_lib.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype,
-                                     sharding=batch_sharding)
-             for k, v in step_lib.dummy_batch(models, config, batch_size=1).items()}
-    return state, batch
-
-
 # ---- Compile and report ----------------------------------------------------------------------
 
 def analyse(config, topology: str, assumed_mfu: float) -> dict:
@@ -143,7 +129,7 @@ def analyse(config, topology: str, assumed_mfu: float) -> dict:
         tx = optim.make_optimizer(config)
         # Tracing the initialiser checks the rest of the model config (e.g. model.remat).
         shardings = step_lib.state_shardings(models, config, tx, mesh)
-        state, batch = abstract_inputs(models, config, tx, shardings, mesh)
+        state, batch = flops_lib.abstract_inputs(models, config, tx, shardings, mesh)
     except (ValueError, KeyError) as e:
         raise UserError(str(e)) from e
 
@@ -191,9 +177,13 @@ def analyse(config, topology: str, assumed_mfu: float) -> dict:
     }
     memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
                        + memory["temporaries"] + memory["generated_code"])
-    flops = step_lib.compiled_flops(compiled)
+    flops, flops_source = step_lib.compiled_flops(compiled), "compiled step"
+    if flops_lib.needs_unrolled_count(config):
+        # The compiled step loops over layers or micro-batches, which XLA counts once.
+        flops = flops_lib.unrolled_step_flops(config, vocab, dict(mesh.shape))
+        flops_source = "the step with unrolled layers, lowered for one device's share"
     step_s = flops / (peak * assumed_mfu) if flops > 0 else float("nan")
-    report.update(memory=memory, flops_per_device=flops, fits=memory["total"] <= hbm,
+    report.update(memory=memory, flops_per_device=flops, flops_source=flops_source, fits=memory["total"] <= hbm,
                   scan_layers=bool(config.model.get("scan_layers", False)),
                   est_step_s=step_s, est_images_per_s=config.batch_size / step_s)
     _print_numbers(report)
@@ -280,9 +270,8 @@ def _print_numbers(report):
         print(f"  {name.replace('_', ' '):15s}{sign}{_gib(mem[name]):>12s}")
     print(f"  {'total':15s} {_gib(mem['total']):>12s}  = {mem['total'] / hbm:.1%} of "
           f"{_gib(hbm)} HBM")
-    print(f"FLOPs per step per {unit}: {report['flops_per_device']:.3e} (XLA cost analysis)")
-    if report.get("scan_layers"):
-        print(f"  warning: {step_lib.SCAN_FLOPS_WARNING} The step-time estimate is too low too.")
+    print(f"FLOPs per step per {unit}: {report['flops_per_device']:.3e} (XLA cost analysis of "
+          f"{report['flops_source']})")
     print(f"estimate at an assumed {report['assumed_mfu']:.0%} MFU (an assumption, not a "
           f"measurement): {report['est_step_s'] * 1e3:.1f} ms/step, "
           f"{report['est_images_per_s']:.0f} images/s")
