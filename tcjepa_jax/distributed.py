@@ -54,6 +54,11 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     Explicit arguments win; otherwise the environment decides (see the module docstring).
     `cpu_collectives` lets CPU-only processes (tests, laptops) run cross-process collectives.
     """
+    if not coordinator_address and "JAX_NUM_PROCESSES" in os.environ:
+        # JAX reads JAX_COORDINATOR_ADDRESS itself but not these two: pass them on.
+        coordinator_address = os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+        process_id = int(os.environ.get("JAX_PROCESS_ID", "-1"))
     explicit = bool(coordinator_address)
     if explicit and (num_processes < 1 or not 0 <= process_id < num_processes):
         raise ValueError(f"--coordinator_address={coordinator_address} needs --num_processes >= 1 "

@@ -107,3 +107,19 @@ def test_cluster_detection_and_flag_errors():
         distributed.initialize("localhost:1234", 0, 0)
     with pytest.raises(ValueError, match="process_id"):
         distributed.initialize("localhost:1234", 2, 2)
+
+
+def test_environment_variables_name_the_processes(monkeypatch):
+    """JAX reads JAX_COORDINATOR_ADDRESS itself but not JAX_NUM_PROCESSES / JAX_PROCESS_ID:
+    initialize passes them on (docs/scaling.md promises all three work)."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args: calls.append(args))
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)
+    for name, value in (("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234"), ("JAX_NUM_PROCESSES", "4"),
+                        ("JAX_PROCESS_ID", "3")):
+        monkeypatch.setenv(name, value)
+    assert distributed.initialize()
+    assert calls == [("10.0.0.1:1234", 4, 3)]
+    monkeypatch.setenv("JAX_PROCESS_ID", "4")
+    with pytest.raises(ValueError, match="process_id"):
+        distributed.initialize()
