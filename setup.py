@@ -31,16 +31,20 @@ setup(
         # jax[tpu] brings the libtpu that matches the installed jax (0.10.2: libtpu 0.0.42.*, a
         # 213 MB wheel, 684 MB installed); tests/test_aot.py compiles for TPU topologies with it
         # on any CPU host (tools/aot.py).
-        "test": ["pytest>=8", "tensorflow-cpu", "tensorflow-datasets", "jax[tpu]>=0.10"],
+        # torch, timm, transformers and safetensors: the PyTorch export and T5 checkpoint tests.
+        "test": ["pytest>=8", "tensorflow-cpu", "tensorflow-datasets", "jax[tpu]>=0.10",
+                 "torch>=2.3", "torchvision", "timm", "transformers", "safetensors"],
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],
         "data": ["tensorflow-cpu", "tensorflow-datasets", "array-record", "pillow"],
         "export": ["torch>=2.3", "safetensors", "timm"],
+        "t5": ["safetensors", "torch>=2.3"],  # reading Hugging Face T5 checkpoints
     },
     entry_points={
         "console_scripts": [
             "tcjepa-train=tcjepa_jax.train:run",
             "tcjepa-eval=tcjepa_jax.evaluate:run",
+            "tcjepa-export=tcjepa_jax.export.cli:run",
         ],
     },
 )

@@ -101,6 +101,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.conditioning = "all"
     config.model.cond_mlp_ratio = 1.0   # the conditioner's "light" MLP
     config.model.text = "base"          # T5_SIZES name
+    # A pretrained T5 v1.1 encoder, a Hugging Face folder (config.json, model.safetensors or
+    # pytorch_model.bin, spiece.model; docs/method.md): its weights replace the random init, its
+    # spiece.model is the tokenizer; model.text must name its size. "" = random init.
+    config.model.text_checkpoint = ""
     config.model.text_trainable = False
     # Rows of the text embedding table; 0 = the tokenizer's size. A pretrained T5 has 32128.
     config.model.text_vocab_size = 0
@@ -145,13 +149,41 @@ def get_base_config() -> ml_collections.ConfigDict:
             ("act_mlp", "tensor"), ("act_heads", "tensor"), ("act_kv", None),
     )
 
+    # ---- Health monitors (tcjepa_jax/monitors.py) --------------------------------------------
+    config.monitor = ml_collections.ConfigDict()
+    # Target-feature std and effective rank, predictor std, prediction-target cosine, every step.
+    config.monitor.enabled = True
+    # Warn when the target features' std or effective rank falls below this fraction of its
+    # first logged value (0: never).
+    config.monitor.collapse_fraction = 0.2
+
     # ---- Evaluation ----------------------------------------------------------------------------
+    # Evaluators of the frozen encoder (tcjepa_jax/evaluation.py), run at the end of training,
+    # every `every` steps during it (0: only at the end), and by tcjepa_jax.evaluate.
     config.probe = ml_collections.ConfigDict()
     config.probe.enabled = True
+    # Files of tcjepa_jax/evaluators/: linear | knn | dense | attentive (dense needs per-pixel
+    # labels: the synthetic scenes).
+    config.probe.evaluators = ("linear", "knn", "dense", "attentive")
+    config.probe.every = 0
+    config.probe.encoder = "target"     # target (EMA) | context
+    # Probe data: by default the training source; these override config.input's fields.
+    config.probe.source = ""
+    config.probe.data_dir = ""
+    config.probe.tfds_name = ""
+    config.probe.label_key = ""
+    config.probe.train_split = "validation"   # the probes' training images
+    config.probe.test_split = "test"
     config.probe.num_train = 2000
     config.probe.num_test = 1000
+    # Image-level tasks of the synthetic scenes (other sources: their "label").
     config.probe.tasks = ("count", "shape", "color")
     config.probe.batch_size = 256
+    config.probe.knn_k = 20             # DINO's protocol
+    config.probe.knn_temperature = 0.07
+    config.probe.dense_images = 500     # images whose patches train the dense probe
+    config.probe.attentive_steps = 200
+    config.probe.attentive_lr = 1e-3
     return config
 
 

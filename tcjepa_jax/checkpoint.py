@@ -66,6 +66,13 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state))).state
 
+    def restore_items(self, step: int, abstract_items: dict) -> dict:
+        """Only some items of the saved train state, e.g. {"ema_params": abstract tree}: the rest
+        (optimizer state, the other encoder) is never read."""
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_items)
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract_items, restore_args=restore_args, partial_restore=True))).state
+
     def wait(self):
         self.manager.wait_until_finished()
 

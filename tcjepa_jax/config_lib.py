@@ -50,9 +50,7 @@ def validate_config(config) -> None:
     _check(config.input.get("workers", 0) >= 0 and config.input.get("num_threads", 1) >= 0,
            "input.workers and input.num_threads must be >= 0.")
     _check(config.model.get("text_vocab_size", 0) >= 0, "model.text_vocab_size must be >= 0.")
-    _check(not config.probe.enabled or config.input.source == "synthetic",
-           "probe.enabled=True runs the built-in probes, which read the synthetic scenes' labels; "
-           f"set probe.enabled=False to train on input.source={config.input.source!r}.")
+    _check_probe(config)
     if config.model.conditioning != "none" and config.input.source == "tfds":
         _check(bool(config.input.caption_key or config.input.caption_file),
                f"model.conditioning={config.model.conditioning!r} needs captions, but TFDS dataset "
@@ -65,6 +63,14 @@ def validate_config(config) -> None:
         raise ValueError(f"model.encoder: {e}") from None
     _check(config.model.text in T5_SIZES,
            f"model.text={config.model.text!r}; choose one of {tuple(T5_SIZES)}.")
+    checkpoint = config.model.get("text_checkpoint", "")
+    if checkpoint and config.model.conditioning != "none":
+        spiece = os.path.join(checkpoint, "spiece.model")
+        _check(not config.tokenizer.model_path
+               or config.tokenizer.model_path.rstrip("/") == spiece.rstrip("/"),
+               f"model.text_checkpoint={checkpoint!r} brings its own tokenizer ({spiece}), but "
+               f"tokenizer.model_path={config.tokenizer.model_path!r} names another; set "
+               "tokenizer.model_path=\"\" (a T5 reads only the ids of its own tokenizer).")
     width, heads = config.model.predictor_width, config.model.predictor_heads
     _check(width % 4 == 0 and width % heads == 0,
            f"model.predictor_width={width} must be divisible by 4 (2-D sin-cos position "
@@ -90,3 +96,26 @@ def validate_config(config) -> None:
     _check(config.optim.wd_start > 0, "optim.wd_start must be > 0 (the ramp is multiplicative).")
     _check(0 <= config.optim.ema_start <= config.optim.ema_end <= 1,
            "optim.ema_start <= optim.ema_end must both lie in [0, 1].")
+
+
+def _check_probe(config) -> None:
+    if not config.probe.enabled:
+        return
+    from tcjepa_jax.evaluators import available_evaluators
+    for name in config.probe.get("evaluators", ("linear",)):
+        _check(name in available_evaluators(),
+               f"probe.evaluators has {name!r}; choose from {available_evaluators()}.")
+    _check(config.probe.get("encoder", "target") in ("target", "context"),
+           f"probe.encoder={config.probe.get('encoder')!r}; choose 'target' or 'context'.")
+    _check(config.probe.get("every", 0) >= 0, "probe.every must be >= 0 (0: only at the end).")
+    source = config.probe.get("source", "") or config.input.source
+    _check(source in available_sources(),
+           f"probe.source={source!r}; choose one of {available_sources()}.")
+    if source != "synthetic":
+        _check("dense" not in config.probe.get("evaluators", ()),
+               f"the dense evaluator needs per-pixel labels, which probe source {source!r} has "
+               "not; remove 'dense' from probe.evaluators (or set probe.enabled=False).")
+        _check(bool(config.probe.get("label_key", "") or config.input.get("label_key", "")
+                    or source == "array_record"),
+               f"the evaluators need labels: set probe.label_key for probe source {source!r}, "
+               "or probe.enabled=False.")

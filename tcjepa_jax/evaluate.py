@@ -1,48 +1,30 @@
-"""Evaluate the latest checkpoint of a run with its configured probes.
+"""Evaluate a run's checkpoint with its configured evaluators.
 
-    python -m tcjepa_jax.evaluate --workdir=runs/synthetic_tiny
+    python -m tcjepa_jax.evaluate --workdir=runs/synthetic_tiny [--step=N] [--encoder=target|context]
 
-Reads the config saved with the checkpoint, restores the target encoder and runs the linear
-probes (held-out synthetic scenes) next to the same probes on the encoder at initialisation.
+Reads the config saved with the checkpoint, restores only the encoder it evaluates (not the
+optimizer state or the other encoder), and runs config.probe.evaluators next to the same
+evaluators on the encoder at initialisation (tcjepa_jax/evaluation.py). Results: the console
+and workdir/evals/step_N.json.
 """
 
-import jax
-import ml_collections
 from absl import app, flags
 
-from tcjepa_jax import checkpoint as ckpt_lib
-from tcjepa_jax import optim
-from tcjepa_jax import step as step_lib
-from tcjepa_jax.config_lib import UserError, run_command
-from tcjepa_jax.evaluators import linear_probe
-from tcjepa_jax.experiment import setup
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.", required=True)
-
-
-def evaluate(workdir: str) -> dict:
-    checkpointer = ckpt_lib.Checkpointer(workdir, ml_collections.ConfigDict(
-        {"checkpoint_every": 1, "keep_checkpoints": None}))
-    step = checkpointer.latest_step()
-    if step is None:
-        raise UserError(f"no checkpoint under {checkpointer.directory}; train first "
-                        f"(python -m tcjepa_jax.train --workdir={workdir}).")
-    config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-    mesh, _, models, _ = setup(config, workdir, with_data=False)
-    tx = optim.make_optimizer(config)
-    shardings = step_lib.state_shardings(models, config, tx, mesh)
-    abstract = jax.eval_shape(lambda: step_lib.create_train_state(models, config, tx, shardings))
-    state = checkpointer.restore_state_only(step, ckpt_lib.abstract_like(abstract, shardings))
-    checkpointer.close()
-    return linear_probe.probe_trained_and_init(config, workdir, models, state.ema_params)
+from tcjepa_jax.config_lib import run_command
+from tcjepa_jax.evaluation import evaluate_checkpoint
 
 
 def main(argv):
     del argv
-    run_command(evaluate, _WORKDIR.value)
+    run_command(evaluate_checkpoint, flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.encoder)
 
 
 def run():
+    # Defined here, not at import: train.py defines --workdir too, and both may be imported.
+    flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_enum("encoder", None, ["target", "context"],
+                      "Which encoder (default: the config's probe.encoder, target).")
     app.run(main)
 
 

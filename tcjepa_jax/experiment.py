@@ -15,6 +15,7 @@ from tcjepa_jax import step as step_lib
 from tcjepa_jax.config_lib import UserError, validate_config
 from tcjepa_jax.data import pipeline
 from tcjepa_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from tcjepa_jax.models import t5_checkpoint
 
 # Images whose captions train a tokenizer when tokenizer.model_path is empty.
 TOKENIZER_CORPUS_IMAGES = 5000
@@ -58,7 +59,12 @@ def setup(config, workdir: str, with_data: bool = True) -> Experiment:
             return pipeline.source_captions(src, TOKENIZER_CORPUS_IMAGES)
 
         tokenizer, vocab = None, 0  # I-JEPA (conditioning "none") reads no text
-        if config.model.conditioning != "none":
+        if config.model.conditioning != "none" and config.model.get("text_checkpoint"):
+            # A pretrained T5 (models/t5_checkpoint.py): its spiece.model, its vocabulary.
+            tokenizer, vocab = t5_checkpoint.check_checkpoint(
+                config.model.text_checkpoint, config.model.text,
+                int(config.model.get("text_vocab_size", 0)))
+        elif config.model.conditioning != "none":
             tokenizer = load_or_train_tokenizer(
                 config.tokenizer.model_path or None, workdir, config.tokenizer.vocab_size, corpus)
             vocab = text_vocab_size(config, tokenizer)

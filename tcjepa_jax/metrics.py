@@ -106,6 +106,9 @@ class MetricWriter:
         for name in ("loss", "loss_pred", "loss_sparse", "loss_consistency", "o_frac_pos/layer0"):
             if name in scalars:
                 line += f" | {name} {scalars[name]:.4f}"
+        if "monitor/target_rank" in scalars:
+            line += (f" | target std {scalars['monitor/target_std']:.3g}, "
+                     f"rank {scalars['monitor/target_rank']:.1f}")
         if "images_per_s" in scalars:
             if "mfu" in scalars:
                 line += f" | MFU {scalars['mfu']:.1%}"
@@ -115,7 +118,7 @@ class MetricWriter:
             line += f" | bad records {int(scalars.get('bad_records', 0))}" + _by_kind(scalars, "bad_records/")
             line += f", dropped captions {int(scalars.get('dropped_captions', 0))}" + _by_kind(
                 scalars, "dropped_captions/")
-        if any(k.startswith("probe") for k in scalars) and "loss" not in scalars:
+        if any(k.startswith("eval") for k in scalars) and "loss" not in scalars:
             return
         logging.info(line)
 

@@ -15,9 +15,11 @@ import optax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tcjepa_jax import monitors
 from tcjepa_jax import optim
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax.masks import MaskSpec
+from tcjepa_jax.models import t5_checkpoint
 from tcjepa_jax.models.predictor import Predictor
 from tcjepa_jax.models.text import T5_SIZES, T5Encoder
 from tcjepa_jax.models.vit import VisionTransformer, vit_config
@@ -126,12 +128,24 @@ def state_shardings(models: Models, config, tx, mesh):
 def create_train_state(models: Models, config, tx, shardings: TrainState) -> TrainState:
     """Initialise directly into the sharded layout (no host-side copy of the full model)."""
 
-    def init(rng):
+    def init(rng, text):
         params = nn.unbox(init_params(models, config, rng))
+        if text is not None:  # model.text_checkpoint: pretrained T5 weights, not the random init
+            params["text"] = text
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           ema_params=params["encoder"], opt_state=tx.init(params))
 
-    return jax.jit(init, out_shardings=shardings)(init_rng(config))
+    rng, text = init_rng(config), None
+    # Read as arguments (not constants) straight into their shardings; skipped under
+    # jax.eval_shape (a traced rng), whose shapes are the same either way.
+    if (models.text is not None and config.model.get("text_checkpoint")
+            and not isinstance(rng, jax.core.Tracer)):
+        text = jax.tree.map(
+            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda i: a[i]),
+            t5_checkpoint.load_text_params(config.model.text_checkpoint, config.model.text,
+                                           bool(config.model.get("scan_layers", False))),
+            shardings.params["text"])
+    return jax.jit(init, out_shardings=shardings, donate_argnums=1)(rng, text)
 
 
 def init_rng(config):
@@ -158,11 +172,12 @@ def prediction_loss(pred, target, valid, kind: str):
     return jnp.sum(per_token * valid) / jnp.maximum(valid.sum(), 1.0)
 
 
-def target_features(models: Models, ema_params, images):
-    """h = LayerNorm_noparams(f̄(full image)), with no gradient."""
-    h = models.encoder.apply({"params": ema_params}, images).astype(jnp.float32)
+def target_features(models: Models, ema_params, images, with_raw: bool = False):
+    """h = LayerNorm_noparams(f̄(full image)), with no gradient (and f̄'s output itself)."""
+    raw = jax.lax.stop_gradient(models.encoder.apply({"params": ema_params}, images))
+    h = raw.astype(jnp.float32)
     h = (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + 1e-6)
-    return jax.lax.stop_gradient(h)
+    return (h, raw) if with_raw else h
 
 
 def text_features(models: Models, params, batch, trainable: bool):
@@ -173,7 +188,7 @@ def text_features(models: Models, params, batch, trainable: bool):
 
 
 def loss_fn(params, ema_params, batch, models: Models, config):
-    h = target_features(models, ema_params, batch["image"])
+    h, raw_target = target_features(models, ema_params, batch["image"], with_raw=True)
     targets = gather_tokens(h, batch["target_idx"])
     text = text_features(models, params, batch, config.model.text_trainable)
     z = models.encoder.apply({"params": params["encoder"]}, batch["image"],
@@ -191,6 +206,8 @@ def loss_fn(params, ema_params, batch, models: Models, config):
     for name in ("o_mean", "o_frac_pos"):
         for layer, value in enumerate(jnp.atleast_1d(aux[name])):
             metrics[f"{name}/layer{layer}"] = value
+    if config.get("monitor", {}).get("enabled", True):
+        metrics.update(monitors.health_metrics(raw_target, pred, targets, batch["target_valid"]))
     return loss, metrics
 
 

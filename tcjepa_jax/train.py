@@ -19,7 +19,9 @@ from ml_collections import config_flags
 from tcjepa_jax import checkpoint as ckpt_lib
 from tcjepa_jax import chips
 from tcjepa_jax import distributed
+from tcjepa_jax import evaluation
 from tcjepa_jax import flops as flops_lib
+from tcjepa_jax import monitors
 from tcjepa_jax import optim
 from tcjepa_jax import paths
 from tcjepa_jax import sharding as shard_lib
@@ -27,7 +29,6 @@ from tcjepa_jax import step as step_lib
 from tcjepa_jax.config_lib import DEFAULT_CONFIG, UserError, run_command
 from tcjepa_jax.experiment import setup
 from tcjepa_jax.data import pipeline
-from tcjepa_jax.evaluators import linear_probe
 from tcjepa_jax.metrics import MetricWriter, Profiler, Progress
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -90,6 +91,8 @@ def train(config, workdir: str) -> dict:
         peak = chips.peak_flops(config, jax.devices()[0]) if flops > 0 else None
         progress = Progress(config.total_steps, config.batch_size, flops, start_step, peak)
         profiler = Profiler(config, workdir)
+        periodic_eval = evaluation.PeriodicEvaluator(config, workdir, models, writer)
+        collapse = monitors.CollapseWatch(config.get("monitor", {}).get("collapse_fraction", 0))
 
         for step in range(start_step + 1, config.total_steps + 1):
             profiler.before(step)
@@ -100,11 +103,14 @@ def train(config, workdir: str) -> dict:
                 metrics = jax.device_get(step_metrics)
                 metrics.update(progress.update(step), **data_iter.counter.metrics())
                 writer.write(step, metrics)
+                collapse.update(step, metrics)
                 if not np.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"Loss is {metrics['loss']} at step {step}.")
+            periodic_eval.maybe_run(step, state)
             preempted = checkpointer.preempted(step)
             checkpointer.save(step, state, data_iter, config, force=last or preempted)
             if preempted:
+                periodic_eval.close()
                 checkpointer.wait()
                 writer.close()
                 checkpointer.close()
@@ -112,13 +118,17 @@ def train(config, workdir: str) -> dict:
                 sys.exit(0)
             if not last:
                 batch = shard_lib.make_global_batch(next(data_iter), batch_sharding)
+        periodic_eval.close()
         checkpointer.wait()
     else:
         logging.info("Already trained to step %d.", start_step)
 
     if config.probe.enabled:
-        metrics.update(linear_probe.probe_trained_and_init(config, workdir, models, state.ema_params))
-        writer.write(config.total_steps, {k: v for k, v in metrics.items() if k.startswith("probe")})
+        results = evaluation.final_evaluation(config, workdir, models,
+                                              evaluation.encoder_params(state, config),
+                                              config.total_steps)
+        metrics.update(results)
+        writer.write(config.total_steps, results)
     writer.close()
     checkpointer.close()
     _write_final_metrics(workdir, config, metrics)

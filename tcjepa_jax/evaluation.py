@@ -1,0 +1,184 @@
+"""Running the configured evaluators: during training, at its end, and from a checkpoint.
+
+    config.probe.evaluators   names of files in tcjepa_jax/evaluators/ (linear, knn, dense,
+                              attentive, ...)
+    config.probe.every        every K steps during training (0: only at the end)
+    config.probe.encoder      "target" (the EMA encoder, I-JEPA's choice) or "context"
+
+Results are logged as eval/<evaluator>/<task> to TensorBoard and written to
+workdir/evals/step_<N>.json. At the end of training (and in `python -m tcjepa_jax.evaluate`)
+the same evaluators also run on the encoder at initialisation, logged as eval_init/..., so a
+number can be read against what a random encoder of the same shape gives.
+
+During training the evaluation runs on process 0 in a background thread, so the training
+loop (and the other hosts, which never wait for process 0's evaluation) goes on; the encoder's
+parameters are copied to host memory first, which is the only step every host joins.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+
+import jax
+from absl import logging
+from flax import linen as nn
+from jax.experimental import multihost_utils
+
+import ml_collections
+
+from tcjepa_jax import checkpoint as ckpt_lib
+from tcjepa_jax import evaluators, optim, paths
+from tcjepa_jax import step as step_lib
+from tcjepa_jax.config_lib import UserError
+from tcjepa_jax.evaluators import _features
+from tcjepa_jax.experiment import setup
+
+
+def encoder_params(state, config):
+    """The parameters of the encoder config.probe.encoder names, from a TrainState."""
+    which = config.probe.get("encoder", "target")
+    if which not in ("target", "context"):
+        raise ValueError(f"probe.encoder={which!r}; choose 'target' or 'context'.")
+    return state.ema_params if which == "target" else state.params["encoder"]
+
+
+def to_host(tree):
+    """A parameter tree as host numpy arrays; every process must call it (FSDP shards may
+    live on other hosts)."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+class EvalData:
+    """The probe splits' images and labels, loaded once per run."""
+
+    def __init__(self, config):
+        self.config = config
+        self.train = _features.load_split(config, config.probe.get("train_split", "validation"),
+                                          config.probe.num_train)
+        self.test = _features.load_split(config, config.probe.get("test_split", "test"),
+                                         config.probe.num_test)
+
+    def features(self, encoder, params) -> _features.Features:
+        size = self.config.probe.batch_size
+        return _features.Features(_features.extract(encoder, params, self.train, size),
+                                  _features.extract(encoder, params, self.test, size),
+                                  encoder.patch_size)
+
+
+def run_evaluators(config, encoder, params, data: EvalData, prefix: str = "eval") -> dict:
+    """{f"{prefix}/{evaluator}/{key}": value} of every configured evaluator."""
+    features = data.features(encoder, params)
+    results = {}
+    for name in config.probe.get("evaluators", ("linear",)):
+        for key, value in evaluators.get(name).evaluate(features, config).items():
+            results[f"{prefix}/{name}/{key}"] = float(value)
+    return results
+
+
+def write_results(workdir: str, step: int, results: dict):
+    if jax.process_index() == 0:
+        paths.write_text(os.path.join(workdir, "evals", f"step_{step}.json"),
+                         json.dumps({"step": step, **results}, indent=2, sort_keys=True))
+
+
+def final_evaluation(config, workdir: str, models, params, step: int) -> dict:
+    """The evaluators on `params` and on the same encoder at initialisation."""
+    data = EvalData(config)
+    rng = step_lib.init_rng(config)
+    init = jax.jit(lambda: nn.unbox(step_lib.init_params(models, config, rng))["encoder"])()
+    results = run_evaluators(config, models.encoder, params, data)
+    results.update(run_evaluators(config, models.encoder, init, data, prefix="eval_init"))
+    log_table(results)
+    write_results(workdir, step, results)
+    return results
+
+
+def log_table(results: dict):
+    lines = [f"  {key[len('eval/'):]:>28s}: trained {value:.3f}   random init "
+             f"{results.get('eval_init/' + key[len('eval/'):], float('nan')):.3f}"
+             for key, value in sorted(results.items()) if key.startswith("eval/")]
+    logging.info("Evaluation of the frozen encoder on held-out data:\n%s", "\n".join(lines))
+
+
+class PeriodicEvaluator:
+    """Every config.probe.every steps: copy the encoder to the host (all processes), then
+    evaluate it on process 0 in a background thread; results go to `writer` and the workdir."""
+
+    def __init__(self, config, workdir: str, models, writer):
+        self.every = int(config.probe.get("every", 0)) if config.probe.enabled else 0
+        self.config, self.workdir, self.models, self.writer = config, workdir, models, writer
+        self.lead = jax.process_index() == 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(1) if self.every and self.lead else None
+        self._pending = None
+        self._data = None
+
+    def maybe_run(self, step: int, state):
+        if not self.every or step % self.every or step == self.config.total_steps:
+            return  # the last step's evaluation is final_evaluation's
+        params = to_host(encoder_params(state, self.config))
+        if not self.lead:
+            return
+        if self._pending is not None and not self._pending.done():
+            logging.warning("Step %d: the evaluation of an earlier step is still running; "
+                            "skipping this one (raise probe.every).", step)
+            return
+        self._pending = self._pool.submit(self._evaluate, step, params)
+
+    def _evaluate(self, step: int, params):
+        try:
+            if self._data is None:
+                self._data = EvalData(self.config)
+            results = run_evaluators(self.config, self.models.encoder, params, self._data)
+            write_results(self.workdir, step, results)
+            self.writer.write(step, results)  # tensorboardX queues events: thread-safe
+            logging.info("step %d evaluation: %s", step, ", ".join(
+                f"{k[len('eval/'):]} {v:.3f}" for k, v in sorted(results.items())))
+        except Exception:  # noqa: BLE001 - an evaluator's failure must not end the training
+            logging.exception("The evaluation at step %d failed; training goes on.", step)
+
+    def close(self):
+        """Waits for a running evaluation (its results are logged before the run ends)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+# ---- From a checkpoint (python -m tcjepa_jax.evaluate) -----------------------------------
+
+def restore_encoder(workdir: str, step=None, encoder=None):
+    """(config, models, step, encoder parameters) of a run's checkpoint."""
+    checkpointer = ckpt_lib.Checkpointer(workdir, ml_collections.ConfigDict(
+        {"checkpoint_every": 1, "keep_checkpoints": None}))
+    steps = checkpointer.manager.all_steps()
+    if not steps:
+        raise UserError(f"no checkpoint under {checkpointer.directory}; train first "
+                        f"(python -m tcjepa_jax.train --workdir={workdir}).")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise UserError(f"no checkpoint of step {step} under {checkpointer.directory}; "
+                        f"there are {sorted(steps)}.")
+    config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    if encoder:
+        config.probe.encoder = encoder
+    mesh, _, models, _ = setup(config, workdir, with_data=False)
+    tx = optim.make_optimizer(config)
+    shardings = step_lib.state_shardings(models, config, tx, mesh)
+    abstract = ckpt_lib.abstract_like(jax.eval_shape(
+        lambda: step_lib.create_train_state(models, config, tx, shardings)), shardings)
+    if config.probe.get("encoder", "target") == "target":
+        params = checkpointer.restore_items(step, {"ema_params": abstract.ema_params})["ema_params"]
+    else:
+        params = checkpointer.restore_items(
+            step, {"params": {"encoder": abstract.params["encoder"]}})["params"]["encoder"]
+    checkpointer.close()
+    return config, models, step, params
+
+
+def evaluate_checkpoint(workdir: str, step=None, encoder=None) -> dict:
+    config, models, step, params = restore_encoder(workdir, step, encoder)
+    if not config.probe.get("evaluators"):
+        raise UserError("config.probe.evaluators is empty: nothing to evaluate.")
+    return final_evaluation(config, workdir, models, params, step)

@@ -1,0 +1,117 @@
+"""What every evaluator reads: frozen features and labels of a probe-training and a test split.
+
+Evaluation data come from any source with labels (tcjepa_jax/data/sources): by default the
+training source (`config.input`), or another one named in `config.probe` (`source`,
+`data_dir`, `tfds_name`, `label_key`, `train_split`, `test_split`). Images are resized (shorter
+side) and centre-cropped to `input.image_size`, never augmented. Tasks:
+- the synthetic scenes: `count`, `shape`, `color` (image labels) and per-pixel object labels
+  (`segmentation`) for the dense evaluators;
+- any other source: `label` (its integer label; records without one are skipped and counted).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tcjepa_jax.data import pipeline, transforms
+from tcjepa_jax.data.decode import decode_image
+from tcjepa_jax.data.sources import make_source
+
+
+class Split(NamedTuple):
+    pooled: np.ndarray                   # (n, D) average-pooled patch tokens
+    tokens: np.ndarray                   # (n, N, D) patch tokens
+    labels: dict                         # task -> (n,) int32
+    segmentation: Optional[np.ndarray]   # (n, S, S) per-pixel labels, or None
+
+
+class Features(NamedTuple):
+    train: Split
+    test: Split
+    patch_size: int
+
+
+def eval_input(config) -> ml_collections.ConfigDict:
+    """config.input with the probe's own data settings laid over it."""
+    cfg = config.input.copy_and_resolve_references()
+    probe = config.probe
+    for field in ("source", "data_dir", "tfds_name", "label_key"):
+        if probe.get(field, ""):
+            cfg[field] = probe[field]
+    cfg.caption_file = ""  # evaluators read no text
+    return cfg
+
+
+def tasks_of(config) -> tuple:
+    if eval_input(config).source == "synthetic":
+        return tuple(t for t in config.probe.tasks if t != "patch")
+    return ("label",)
+
+
+def load_split(config, split: str, num_examples: int) -> dict:
+    """{"image": (n, S, S, 3) float32, "labels": {task: (n,)}, "segmentation": ... or None}."""
+    cfg = eval_input(config)
+    if cfg.source == "synthetic":
+        arrays = pipeline.load_probe_arrays(config, split, num_examples)
+        return {"image": arrays["image"], "segmentation": arrays["segmentation"],
+                "labels": {t: arrays[f"label_{t}"] for t in tasks_of(config)}}
+    src = make_source(cfg, split)
+    size = int(cfg.image_size)
+    images, labels, skipped = [], [], collections.Counter()
+    for index in range(len(src)):
+        if len(images) == num_examples:
+            break
+        try:
+            record = src[index]
+            label = int(record.get("label", -1))
+            if label < 0:
+                skipped["no_label"] += 1
+                continue
+            image = record["image"]
+            image = decode_image(image) if isinstance(image, (bytes, bytearray)) else image
+        except Exception:  # noqa: BLE001 - a bad record is skipped and counted, as in training
+            skipped["bad_record"] += 1
+            continue
+        images.append(transforms.normalize(center_crop(image, size)))
+        labels.append(label)
+    if len(images) < num_examples:
+        raise ValueError(f"probe split {split!r} of {cfg.source} has {len(images)} labelled "
+                         f"images, fewer than the {num_examples} asked for (skipped: "
+                         f"{dict(skipped) or 'none'}).")
+    return {"image": np.stack(images).astype(np.float32), "segmentation": None,
+            "labels": {"label": np.asarray(labels, np.int32)}, "skipped": dict(skipped)}
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize the shorter side to `size`, then cut the central size x size square."""
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    image = transforms.resize_bilinear(image, nh, nw)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return image[top:top + size, left:left + size]
+
+
+def encode(encoder, params, images: np.ndarray, batch_size: int = 256):
+    """(pooled (n, D), tokens (n, N, D)) of the frozen encoder, float32 numpy. The last batch is
+    padded to the batch size so one program serves every batch."""
+    apply = jax.jit(lambda p, x: encoder.apply({"params": p}, x).astype(jnp.float32))
+    tokens = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        pad = batch_size - len(chunk) if len(images) > batch_size else 0
+        padded = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        tokens.append(np.asarray(apply(params, padded))[:len(chunk)])
+    tokens = np.concatenate(tokens)
+    return tokens.mean(1), tokens
+
+
+def extract(encoder, params, data: dict, batch_size: int) -> Split:
+    pooled, tokens = encode(encoder, params, data["image"], batch_size)
+    return Split(pooled, tokens, data["labels"], data["segmentation"])

@@ -1,0 +1,109 @@
+"""Evaluators and health monitors: each must separate an easy problem, give chance on shuffled
+labels, and the metrics must take their known values on known inputs."""
+
+import numpy as np
+import pytest
+from absl import logging
+
+from tcjepa_jax import evaluators, monitors
+from tcjepa_jax.evaluators import _features, dense, knn
+
+RNG = np.random.default_rng(0)
+
+
+CENTRES = RNG.normal(size=(4, 16)) * 3
+
+
+def _clusters(n: int, tokens: int = 8, spread: float = 0.5):
+    """Tokens around one centre per class: an easy problem for any reasonable probe."""
+    centres = CENTRES
+    y = RNG.integers(0, len(centres), n).astype(np.int32)
+    x = centres[y][:, None, :] + spread * RNG.normal(size=(n, tokens, centres.shape[1]))
+    return x.astype(np.float32), y
+
+
+def _features_of(x_train, y_train, x_test, y_test):
+    def split(x, y):
+        return _features.Split(x.mean(1), x, {"task": y}, None)
+    return _features.Features(split(x_train, y_train), split(x_test, y_test), patch_size=8)
+
+
+class _Probe:  # the config fields the evaluators read
+    def __init__(self, **fields):
+        self.fields = fields
+
+    def get(self, name, default=None):
+        return self.fields.get(name, default)
+
+
+class _Config:
+    def __init__(self, **probe):
+        self.probe = _Probe(**probe)
+
+
+@pytest.mark.parametrize("name", ["linear", "knn", "attentive"])
+def test_image_level_evaluators_separate_easy_classes_and_are_at_chance_on_shuffled_labels(name):
+    x_train, y_train = _clusters(400)
+    x_test, y_test = _clusters(400)
+    evaluator = evaluators.get(name)
+    config = _Config(attentive_steps=100)
+    easy = evaluator.evaluate(_features_of(x_train, y_train, x_test, y_test), config)["task"]
+    # Shuffled labels on varied features (wide clusters): nothing to learn but chance. (Tight
+    # clusters would make every cluster's prediction one coin flip: too noisy a check.)
+    x_train, y_train = _clusters(800, spread=10.0)
+    x_test, y_test = _clusters(800, spread=10.0)
+    shuffled = evaluator.evaluate(
+        _features_of(x_train, RNG.permutation(y_train), x_test, y_test), config)["task"]
+    assert easy > 0.95, easy
+    assert abs(shuffled - 0.25) < 0.1, shuffled  # 4 balanced classes
+
+
+def test_knn_votes_with_cosine_similarity_weights():
+    x_train = np.array([[1, 0], [0.9, 0.1], [0, 1]], np.float32)
+    y_train = np.array([0, 0, 1])
+    pred = knn.knn_predict(x_train, y_train, np.array([[0.2, 1.0], [1.0, 0.2]], np.float32),
+                           num_classes=2, k=3, temperature=0.07)
+    assert pred.tolist() == [1, 0]
+
+
+def test_mean_iou_of_perfect_and_constant_predictions():
+    label = RNG.integers(0, 3, (10, 16, 16))
+    assert dense.mean_iou(label, label, 3) == 1.0
+    constant = np.zeros_like(label)
+    frequency = np.mean(label == 0)
+    # Class 0: intersection = its pixels, union = all pixels; classes 1, 2: IoU 0.
+    assert dense.mean_iou(constant, label, 3) == pytest.approx(frequency / 3)
+    assert dense.patch_labels(np.kron(np.eye(2, dtype=np.uint8), np.ones((4, 4), np.uint8))[None],
+                              4).tolist() == [[1, 0, 0, 1]]
+
+
+def test_unknown_evaluator_is_named():
+    with pytest.raises(ValueError, match="linear"):
+        evaluators.get("lienar")
+    assert {"linear", "knn", "dense", "attentive"} <= set(evaluators.available_evaluators())
+
+
+def test_effective_rank_is_full_for_random_and_one_for_collapsed_features():
+    random = RNG.normal(size=(4000, 32)).astype(np.float32)
+    std, rank = monitors.feature_stats(random)
+    assert 30 < float(rank) <= 32 and float(std) == pytest.approx(1.0, abs=0.05)
+    collapsed = RNG.normal(size=(4000, 1)) * RNG.normal(size=(1, 32)) + 5.0
+    _, rank = monitors.feature_stats(collapsed.astype(np.float32))
+    assert float(rank) == pytest.approx(1.0, abs=0.05)
+    constant = np.ones((100, 32), np.float32)
+    std, rank = monitors.feature_stats(constant)
+    assert float(std) == 0 and float(rank) == pytest.approx(1.0, abs=0.05)
+
+
+def test_collapse_watch_warns_once_below_the_fraction(monkeypatch):
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda *args: warnings.append(args))
+    watch = monitors.CollapseWatch(0.2)
+    assert watch.update(1, {"monitor/target_std": 1.0, "monitor/target_rank": 50.0}) == []
+    assert watch.update(2, {"monitor/target_std": 0.5, "monitor/target_rank": 20.0}) == []
+    assert watch.update(3, {"monitor/target_std": 0.1, "monitor/target_rank": 20.0}) == [
+        "monitor/target_std"]
+    assert watch.update(4, {"monitor/target_std": 0.05, "monitor/target_rank": 5.0}) == [
+        "monitor/target_rank"]
+    assert len(warnings) == 2 and "collapse" in warnings[0][0]
+    assert monitors.CollapseWatch(0).update(1, {"monitor/target_std": 0.0}) == []
