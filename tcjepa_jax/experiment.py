@@ -9,6 +9,7 @@ import math
 from typing import Any, NamedTuple
 
 import jax
+from jax.experimental import multihost_utils
 
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
@@ -65,13 +66,26 @@ def setup(config, workdir: str, with_data: bool = True) -> Experiment:
                 config.model.text_checkpoint, config.model.text,
                 int(config.model.get("text_vocab_size", 0)))
         elif config.model.conditioning != "none":
-            tokenizer = load_or_train_tokenizer(
-                config.tokenizer.model_path or None, workdir, config.tokenizer.vocab_size, corpus)
+            tokenizer = _shared_tokenizer(config, workdir, corpus)
             vocab = text_vocab_size(config, tokenizer)
         models = step_lib.build_models(config, vocab)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise UserError(str(e)) from e
     return Experiment(mesh, tokenizer, models, source)
+
+
+def _shared_tokenizer(config, workdir: str, corpus) -> Tokenizer:
+    """Process 0 trains the workdir's tokenizer if there is none; the other hosts wait for it and
+    then read the same file, so none reads a half-written model (with a workdir no other host
+    sees, each trains its own: training is deterministic, so they agree)."""
+    def load():
+        return load_or_train_tokenizer(config.tokenizer.model_path or None, workdir,
+                                       config.tokenizer.vocab_size, corpus)
+    if jax.process_count() == 1:
+        return load()
+    tokenizer = load() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("tcjepa_jax: the workdir's tokenizer is written")
+    return tokenizer or load()
 
 
 def text_vocab_size(config, tokenizer: Tokenizer) -> int:
