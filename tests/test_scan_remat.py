@@ -96,3 +96,22 @@ def test_resuming_across_scan_layouts_is_a_clear_error():
     train._check_layout({"model": {"scan_layers": True}}, config)  # same layout: fine
     with pytest.raises(UserError, match="scan_layers=False"):
         train._check_layout({"model": {"scan_layers": False}}, config)
+
+
+@pytest.mark.parametrize("conditioning", ["all", "first"])
+def test_one_layer_predictor_converts_to_the_scanned_layout(conditioning):
+    """A one-layer predictor looks the same unrolled under "all" and "first"; scanned, "first"
+    keeps its layer apart: the conversion must be told which."""
+    from configs import synthetic_tiny
+    from tcjepa_jax import step as step_lib
+    from tcjepa_jax.models.scan_params import scanned_from_unrolled
+    config = synthetic_tiny.get_config("smoke")
+    config.model.predictor_depth = 1
+    config.model.conditioning = conditioning
+    unrolled = step_lib.build_models(config, vocab_size=40)
+    config.model.scan_layers = True
+    scanned = step_lib.build_models(config, vocab_size=40)
+    params = unboxed(jax.eval_shape(lambda: step_lib.init_params(unrolled, config, KEY)))
+    own = unboxed(jax.eval_shape(lambda: step_lib.init_params(scanned, config, KEY)))
+    stacked = jax.eval_shape(lambda p: scanned_from_unrolled(p, conditioning), params)
+    assert jax.tree.map(lambda x: x.shape, own) == jax.tree.map(lambda x: x.shape, stacked)

@@ -74,15 +74,10 @@ def scanned(params: dict, conditioning: str = None) -> dict:
 
     `conditioning` (config.model.conditioning) settles the one case the tree alone cannot: a
     one-layer predictor conditioned "first" keeps its layer apart ("layer_0", as
-    Predictor._scanned_layers builds it), where scan_params stacks it into "layers"."""
+    Predictor._scanned_layers builds it)."""
     full = dict(params)
     full.setdefault("predictor", {})
-    out = scan_params.scanned_from_unrolled(full)
-    pred = out["predictor"]
-    if conditioning == "first" and "layers" in pred and "layer_0" not in pred:
-        pred = dict(pred)
-        pred["layer_0"] = _unstack(pred.pop("layers")["layer"], 1)[0]
-        out["predictor"] = pred
+    out = scan_params.scanned_from_unrolled(full, conditioning or "")
     if "predictor" not in params:
         out.pop("predictor")
     return _map(np.asarray, out)
