@@ -33,7 +33,9 @@ setup(
         # on any CPU host (tools/aot.py).
         # torch, timm, transformers and safetensors: the PyTorch export and T5 checkpoint tests.
         "test": ["pytest>=8", "tensorflow-cpu", "tensorflow-datasets", "jax[tpu]>=0.10",
-                 "torch>=2.3", "torchvision", "timm", "transformers", "safetensors"],
+                 "torch>=2.3", "torchvision", "timm", "transformers", "safetensors",
+                 "matplotlib"],
+        "plot": ["matplotlib"],  # python -m tcjepa_jax.tools.plot
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],
         "data": ["tensorflow-cpu", "tensorflow-datasets", "array-record", "pillow"],
