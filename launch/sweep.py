@@ -150,7 +150,8 @@ def results_table(root: str, runs: list) -> tuple:
     """(CSV text, Markdown text) of every run's overrides and final metrics."""
     finals = {name: read_final(os.path.join(root, name)) for name, _ in runs}
     keys = list(dict.fromkeys(k for _, point in runs for k in point))
-    metrics = sorted({m for f in finals.values() if f for m in f["metrics"]}, key=_metric_order)
+    metrics = sorted({m for f in finals.values() if f for m in f["metrics"] if _tabulated(m)},
+                     key=_metric_order)
     header = ["run", *keys, "step", *metrics]
     rows = []
     for name, point in runs:
@@ -162,6 +163,12 @@ def results_table(root: str, runs: list) -> tuple:
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return text.getvalue(), "\n".join(md) + "\n"
+
+
+def _tabulated(name: str) -> bool:
+    """What a results table is for: losses, evaluators, health monitors, throughput (not the
+    schedules' values or the ETA)."""
+    return name.startswith(("loss", "eval/", "eval_init/", "monitor/")) or name == "images_per_s"
 
 
 def _metric_order(name: str):
