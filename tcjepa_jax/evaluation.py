@@ -59,8 +59,10 @@ class EvalData:
         self.config = config
         self.train = _features.load_split(config, config.probe.get("train_split", "validation"),
                                           config.probe.num_train)
+        # ArrayRecord shards have no splits: the test images follow the training ones.
+        skip = config.probe.num_train if _features.eval_input(config).source == "array_record" else 0
         self.test = _features.load_split(config, config.probe.get("test_split", "test"),
-                                         config.probe.num_test)
+                                         config.probe.num_test, skip=skip)
 
     def features(self, encoder, params) -> _features.Features:
         size = self.config.probe.batch_size

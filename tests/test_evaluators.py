@@ -107,3 +107,46 @@ def test_collapse_watch_warns_once_below_the_fraction(monkeypatch):
         "monitor/target_rank"]
     assert len(warnings) == 2 and "collapse" in warnings[0][0]
     assert monitors.CollapseWatch(0).update(1, {"monitor/target_std": 0.0}) == []
+
+
+def test_evaluators_read_any_labelled_source(tmp_path):
+    """ArrayRecord shards with labels: unlabelled and unreadable records are skipped and counted,
+    the test images follow the training ones, and the evaluators run on a real encoder."""
+    import io
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from PIL import Image
+
+    from configs import synthetic_tiny
+    from tcjepa_jax import evaluation, step as step_lib
+    from tcjepa_jax.data import records
+
+    def image(value):
+        out = io.BytesIO()
+        Image.fromarray(np.full((40, 48, 3), value, np.uint8)).save(out, format="PNG")
+        return out.getvalue()
+
+    writer = ArrayRecordWriter(str(tmp_path / "shard-00000-of-00001.array_record"), "group_size:1")
+    for i in range(44):
+        label = None if i == 3 else i % 2          # record 3: no label
+        data = b"not an image" if i == 5 else image(40 + 4 * i)
+        writer.write(records.encode_record(id=f"r{i}", image=data, captions=["a."], label=label))
+    writer.close()
+
+    config = synthetic_tiny.get_config("smoke")
+    config.input.image_size = 32
+    config.probe.update(source="array_record", data_dir=str(tmp_path), num_train=24,
+                        num_test=16, evaluators=("linear", "knn"))
+    train = _features.load_split(config, "train", 24)
+    assert train["labels"]["label"].tolist() == [i % 2 for i in range(26) if i not in (3, 5)]
+    assert train["skipped"] == {"no_label": 1, "bad_record": 1}
+    assert train["image"].shape == (24, 32, 32, 3) and train["segmentation"] is None
+    data = evaluation.EvalData(config)
+    assert data.test["labels"]["label"].tolist() == [i % 2 for i in range(26, 42)]
+
+    models = step_lib.build_models(config, vocab_size=64)
+    params = step_lib.init_params(models, config, step_lib.init_rng(config))["encoder"]
+    import flax.linen as nn
+    results = evaluation.run_evaluators(config, models.encoder, nn.unbox(params), data)
+    assert set(results) == {"eval/linear/label", "eval/knn/label"}
+    assert all(0 <= v <= 1 for v in results.values())

@@ -54,8 +54,11 @@ def tasks_of(config) -> tuple:
     return ("label",)
 
 
-def load_split(config, split: str, num_examples: int) -> dict:
-    """{"image": (n, S, S, 3) float32, "labels": {task: (n,)}, "segmentation": ... or None}."""
+def load_split(config, split: str, num_examples: int, skip: int = 0) -> dict:
+    """{"image": (n, S, S, 3) float32, "labels": {task: (n,)}, "segmentation": ... or None},
+    from the labelled records of `split` after the first `skip` labelled ones (a source without
+    splits, such as ArrayRecord shards, gives the probe's test set the records after its
+    training set)."""
     cfg = eval_input(config)
     if cfg.source == "synthetic":
         arrays = pipeline.load_probe_arrays(config, split, num_examples)
@@ -65,7 +68,7 @@ def load_split(config, split: str, num_examples: int) -> dict:
     size = int(cfg.image_size)
     images, labels, skipped = [], [], collections.Counter()
     for index in range(len(src)):
-        if len(images) == num_examples:
+        if len(images) == num_examples + skip:
             break
         try:
             record = src[index]
@@ -78,12 +81,14 @@ def load_split(config, split: str, num_examples: int) -> dict:
         except Exception:  # noqa: BLE001 - a bad record is skipped and counted, as in training
             skipped["bad_record"] += 1
             continue
-        images.append(transforms.normalize(center_crop(image, size)))
+        keep = len(images) >= skip
+        images.append(transforms.normalize(center_crop(image, size)) if keep else None)
         labels.append(label)
+    images, labels = images[skip:], labels[skip:]
     if len(images) < num_examples:
-        raise ValueError(f"probe split {split!r} of {cfg.source} has {len(images)} labelled "
-                         f"images, fewer than the {num_examples} asked for (skipped: "
-                         f"{dict(skipped) or 'none'}).")
+        raise ValueError(f"probe split {split!r} of {cfg.source} has {len(images) + skip} "
+                         f"labelled images, fewer than the {num_examples + skip} asked for "
+                         f"(skipped: {dict(skipped) or 'none'}).")
     return {"image": np.stack(images).astype(np.float32), "segmentation": None,
             "labels": {"label": np.asarray(labels, np.int32)}, "skipped": dict(skipped)}
 
