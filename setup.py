@@ -36,7 +36,9 @@ setup(
                  "torch>=2.3", "torchvision", "timm", "transformers", "safetensors",
                  "matplotlib"],
         "plot": ["matplotlib"],  # python -m tcjepa_jax.tools.plot
-        "tpu": ["jax[tpu]>=0.10"],
+        # gs:// workdirs: etils.epath (Orbax, our files) reads GCS through gcsfs, tensorboardX
+        # writes event files through google-cloud-storage.
+        "tpu": ["jax[tpu]>=0.10", "gcsfs", "google-cloud-storage"],
         "gpu": ["jax[cuda12]>=0.10"],
         "data": ["tensorflow-cpu", "tensorflow-datasets", "array-record", "pillow"],
         "export": ["torch>=2.3", "safetensors", "timm"],
