@@ -46,9 +46,18 @@ def _clean_env(**extra):
     return env
 
 
+def _default_signals():
+    # A test run started in the background of a non-interactive shell (nohup, CI runners)
+    # inherits SIGINT ignored, and bash cannot trap a signal ignored on entry: give the child
+    # the default handlers, as a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _start(command, **kwargs):
     """Popen in a session of its own, so _stop can end every process it started."""
-    return subprocess.Popen(command, start_new_session=True, text=True, **kwargs)
+    return subprocess.Popen(command, start_new_session=True, text=True,
+                            preexec_fn=_default_signals, **kwargs)
 
 
 def _stop(proc):
