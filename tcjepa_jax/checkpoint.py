@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from tcjepa_jax import paths
+from tcjepa_jax.config_lib import UserError
 
 
 class Checkpointer:
@@ -78,6 +79,20 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+def existing_step(manager, directory: str, step=None) -> int:
+    """`step`, checked to be among the checkpoints under `directory`, or the latest one; a
+    UserError saying what to do otherwise (the evaluate, export and plot commands)."""
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise UserError(f"no checkpoint under {directory}; train first "
+                        f"(python -m tcjepa_jax.train --workdir={os.path.dirname(directory)}).")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise UserError(f"no checkpoint of step {step} under {directory}; there are {steps}.")
+    return step
 
 
 def abstract_like(state_shapes, shardings):

@@ -154,14 +154,7 @@ def restore_encoder(workdir: str, step=None, encoder=None):
     """(config, models, step, encoder parameters) of a run's checkpoint."""
     checkpointer = ckpt_lib.Checkpointer(workdir, ml_collections.ConfigDict(
         {"checkpoint_every": 1, "keep_checkpoints": None}))
-    steps = checkpointer.manager.all_steps()
-    if not steps:
-        raise UserError(f"no checkpoint under {checkpointer.directory}; train first "
-                        f"(python -m tcjepa_jax.train --workdir={workdir}).")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise UserError(f"no checkpoint of step {step} under {checkpointer.directory}; "
-                        f"there are {sorted(steps)}.")
+    step = ckpt_lib.existing_step(checkpointer.manager, checkpointer.directory, step)
     config = ml_collections.ConfigDict(checkpointer.restore_config(step))
     if encoder:
         config.probe.encoder = encoder

@@ -52,3 +52,16 @@ def fit_predict(x_train, y_train, x_test, num_classes: int) -> np.ndarray:
 
 def num_classes(*labels) -> int:
     return int(max(int(np.max(y)) for y in labels)) + 1
+
+
+def accuracy_per_task(features, predict, use: str = "pooled") -> dict:
+    """{task: test accuracy} of predict(x_train, y_train, x_test, num_classes) on each
+    image-level task, x being the splits' `use` features ("pooled" or "tokens")."""
+    train, test = features.train, features.test
+    results = {}
+    for task, y_train in train.labels.items():
+        y_test = test.labels[task]
+        pred = predict(getattr(train, use), y_train, getattr(test, use),
+                       num_classes(y_train, y_test))
+        results[task] = float(np.mean(pred == y_test))
+    return results

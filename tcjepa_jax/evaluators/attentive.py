@@ -71,13 +71,8 @@ def fit_predict(tokens_train, y_train, tokens_test, num_classes: int, steps: int
 
 
 def evaluate(features, config) -> dict:
-    train, test = features.train, features.test
     steps = int(config.probe.get("attentive_steps", 300))
     lr = float(config.probe.get("attentive_lr", 1e-3))
-    results = {}
-    for task, y_train in train.labels.items():
-        y_test = test.labels[task]
-        pred = fit_predict(train.tokens, y_train, test.tokens,
-                           _probes.num_classes(y_train, y_test), steps, lr)
-        results[task] = float(np.mean(pred == y_test))
-    return results
+    return _probes.accuracy_per_task(
+        features, lambda x, y, x_test, classes: fit_predict(x, y, x_test, classes, steps, lr),
+        use="tokens")

@@ -29,13 +29,7 @@ def knn_predict(x_train, y_train, x_test, num_classes: int, k: int, temperature:
 
 
 def evaluate(features, config) -> dict:
-    train, test = features.train, features.test
     k = int(config.probe.get("knn_k", 20))
     temperature = float(config.probe.get("knn_temperature", 0.07))
-    results = {}
-    for task, y_train in train.labels.items():
-        y_test = test.labels[task]
-        pred = knn_predict(train.pooled, y_train, test.pooled,
-                           _probes.num_classes(y_train, y_test), k, temperature)
-        results[task] = float(np.mean(pred == y_test))
-    return results
+    return _probes.accuracy_per_task(
+        features, lambda x, y, x_test, classes: knn_predict(x, y, x_test, classes, k, temperature))

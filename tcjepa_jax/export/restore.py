@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tcjepa_jax import paths
+from tcjepa_jax.checkpoint import existing_step
 from tcjepa_jax.config_lib import UserError
 from tcjepa_jax.export.layout import _map
 
@@ -40,16 +41,7 @@ class CheckpointReader:
 
     def step(self, step=None) -> int:
         """`step`, checked to exist, or the latest one."""
-        steps = sorted(self.manager.all_steps())
-        if not steps:
-            raise UserError(f"no checkpoint under {self.directory}; train first "
-                            "(python -m tcjepa_jax.train --workdir=DIR).")
-        if step is None:
-            return steps[-1]
-        if step not in steps:
-            raise UserError(f"no checkpoint of step {step} under {self.directory}; "
-                            f"there are steps {steps}.")
-        return step
+        return existing_step(self.manager, self.directory, step)
 
     def config(self, step: int) -> ml_collections.ConfigDict:
         raw = self.manager.restore(step, args=ocp.args.Composite(

@@ -69,14 +69,8 @@ def load_run(workdir: str, step=None, num_images: int = 8) -> Run:
 
     checkpointer = _checkpointer(workdir)
     try:
-        steps = checkpointer.manager.all_steps()
-        if not steps:
-            raise UserError(f"no checkpoint under {checkpointer.directory}; train first "
-                            f"(python -m tcjepa_jax.train --workdir={workdir}).")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise UserError(f"no checkpoint of step {step} under {checkpointer.directory}; "
-                            f"there are {sorted(steps)}.")
+        from tcjepa_jax.checkpoint import existing_step
+        step = existing_step(checkpointer.manager, checkpointer.directory, step)
         config = ml_collections.ConfigDict(checkpointer.restore_config(step))
     finally:
         checkpointer.close()
