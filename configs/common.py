@@ -24,7 +24,22 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.total_steps = 1000
     config.log_every = 50
     config.checkpoint_every = 1000
-    config.keep_checkpoints = 3
+    config.keep_checkpoints = 3         # the newest N checkpoints are kept...
+    config.keep_period = 0              # ...and every keep_period-th step's for good (0: none)
+    # A NaN or Inf in the loss or the gradients (checked inside the step, every step): "stop"
+    # ends the run naming the step and the last good checkpoint; "skip" leaves parameters, EMA
+    # and optimizer state untouched for that step, counts it, and stops after max_skips_in_a_row
+    # such steps in a row. Either way no non-finite value reaches the parameters.
+    config.nonfinite = ml_collections.ConfigDict()
+    config.nonfinite.action = "stop"
+    config.nonfinite.max_skips_in_a_row = 10
+    # Start from another run's weights (a workdir with checkpoints): its context and target
+    # encoders (and, with predictor=True, its predictor and text encoder), not its optimizer
+    # state or step. step = 0 takes its latest checkpoint. Shapes must match this config's.
+    config.init_from = ml_collections.ConfigDict()
+    config.init_from.workdir = ""
+    config.init_from.step = 0
+    config.init_from.predictor = False
     # MFU = achieved FLOP/s (XLA's count of the compiled step) / this per-device peak; 0 takes
     # the chip's bf16 peak from tcjepa_jax/chips.py (no MFU for chips it does not list, e.g. CPUs).
     config.peak_flops_per_device = 0.0
