@@ -29,7 +29,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # A NaN or Inf in the loss or the gradients (checked inside the step, every step): "stop"
     # ends the run naming the step and the last good checkpoint; "skip" leaves parameters, EMA
     # and optimizer state untouched for that step, counts it, and stops after max_skips_in_a_row
-    # such steps in a row. Either way no non-finite value reaches the parameters.
+    # such steps in a row. Either way no non-finite value reaches the parameters (the step
+    # counter and the data do move on), and the host notices at its next metrics fetch or
+    # checkpoint save, never saving past a stop (docs/reliability.md).
     config.nonfinite = ml_collections.ConfigDict()
     config.nonfinite.action = "stop"
     config.nonfinite.max_skips_in_a_row = 10
@@ -178,7 +180,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.probe = ml_collections.ConfigDict()
     config.probe.enabled = True
     # Files of tcjepa_jax/evaluators/: linear | knn | dense | attentive (dense needs per-pixel
-    # labels: the synthetic scenes).
+    # labels: the synthetic scenes, or a TFDS set with probe.segmentation_key).
     config.probe.evaluators = ("linear", "knn", "dense", "attentive")
     config.probe.every = 0
     config.probe.encoder = "target"     # target (EMA) | context
@@ -187,6 +189,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.probe.data_dir = ""
     config.probe.tfds_name = ""
     config.probe.label_key = ""
+    # TFDS only: the feature holding a per-pixel class mask for the dense evaluator (an Image of
+    # shape (H, W, 1) or with equal channels, or an integer Tensor (H, W)), e.g.
+    # "segmentation_mask" of oxford_iiit_pet; cropped like the image, resized nearest-neighbour.
+    # "" = no mask. Without label_key only the dense evaluator can run.
+    config.probe.segmentation_key = ""
+    # Pixels of this class neither train nor score the dense probe (255: the VOC/Cityscapes
+    # convention; 0 for ADE20k-style "unlabelled"; 3 for the pets' trimap border).
+    config.probe.segmentation_ignore = 255
     config.probe.train_split = "validation"   # the probes' training images
     config.probe.test_split = "test"
     config.probe.num_train = 2000

@@ -1,33 +1,57 @@
 """Orbax checkpoints of the train state, the data iterator and the config.
 
 One CheckpointManager per run (maxtext style): asynchronous saves every `checkpoint_every`
-steps, the latest `keep_checkpoints` kept, a save forced on preemption (SIGTERM or the TPU
-preemption notice), and restore straight into the sharded layout of the running job.
+steps, the newest `keep_checkpoints` kept plus every `keep_period`-th step for good, a save
+forced on preemption (SIGTERM or the TPU preemption notice), and restore straight into the
+sharded layout of the running job. Each step's checkpoint holds four items:
+
+    state   the TrainState (Orbax PyTree, sharded)
+    data    each host's Grain iterator state, process_<i>-of-<n>.json
+    config  the run's config as JSON
+    meta    {"process_count", "data_start"}: how the data stream was laid out (resume.py)
+
+A save that fails (disk full, permissions) raises CheckpointError: the run stops instead of
+training on without checkpoints (docs/reliability.md).
 """
 
 import json
+import logging
 import os
+import shutil
 import signal
 import threading
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from tcjepa_jax import paths
 from tcjepa_jax.config_lib import UserError
+
+ITEMS = ("state", "data", "config", "meta")
+
+
+class CheckpointError(UserError):
+    """A checkpoint could not be written: the run stops rather than train on unprotected."""
 
 
 class Checkpointer:
     def __init__(self, workdir: str, config):
         self.directory = paths.absolute(os.path.join(workdir, "checkpoints"))
+        keep_last, keep_period = config.get("keep_checkpoints"), config.get("keep_period", 0)
+        keep = [policies.LatestN(keep_last) if keep_last else policies.PreserveAll()]
+        if keep_period:
+            keep.append(policies.EveryNSteps(keep_period))
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=config.checkpoint_every,
-            max_to_keep=config.keep_checkpoints,
+            preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,   # what a save killed half-way left behind
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._preempted = threading.Event()
 
     # ---- Preemption ------------------------------------------------------------------------
@@ -39,33 +63,80 @@ class Checkpointer:
     def preempted(self, step: int) -> bool:
         return self._preempted.is_set() or self.manager.reached_preemption(step)
 
-    # ---- Save / restore --------------------------------------------------------------------
-    def latest_step(self):
-        return self.manager.latest_step()
-
-    def save(self, step: int, state, data_iterator, config, force: bool = False) -> bool:
+    # ---- Save ------------------------------------------------------------------------------
+    def save(self, step: int, state, data_iterator, config, force: bool = False,
+             data_start: int = 0) -> bool:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(json.loads(config.to_json())),
+            meta=ocp.args.JsonSave({"process_count": jax.process_count(),
+                                    "data_start": int(data_start)}),
         )
-        return self.manager.save(step, args=args, force=force)
+        try:  # also raises the error of the previous, asynchronous save
+            return self.manager.save(step, args=args, force=force)
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._save_failed(e) from e
 
-    def restore(self, step: int, abstract_state, data_iterator):
-        """Restores into `abstract_state`'s shardings and sets the iterator's position."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
-        ))
-        return restored.state
+    def wait(self):
+        """Blocks until pending saves are written; raises CheckpointError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._save_failed(e) from e
+
+    def wait_after_error(self):
+        """wait() on the way out of a failing run: a save in flight completes; an error of the
+        save itself is logged, not raised over the run's own."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+            logging.error("%s", self._save_failed(e))
+
+    def _save_failed(self, error: Exception) -> CheckpointError:
+        good = self.manager.latest_step()
+        return CheckpointError(
+            f"saving a checkpoint to {self.directory} failed: {type(error).__name__}: "
+            f"{str(error)[:500]}. The run stops instead of training on without checkpoints. "
+            "Free disk space or fix the directory's permissions, then restart the same command: "
+            + (f"it resumes from step {good}, the newest complete checkpoint." if good is not None
+               else "no checkpoint was completed, so it starts from step 0."))
+
+    # ---- Restore ---------------------------------------------------------------------------
+    def all_steps(self) -> list:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def restore(self, step: int, abstract_state, data_iterator=None):
+        """Restores into `abstract_state`'s shardings and, given an iterator, sets its position."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
     def restore_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore())).config
 
-    def restore_state_only(self, step: int, abstract_state):
+    def restore_meta(self, step: int) -> dict:
+        """The step's data layout; {} for a checkpoint without one."""
+        if not (epath.Path(self.directory) / str(step) / "meta").exists():
+            return {}
         return self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state))).state
+            meta=ocp.args.JsonRestore())).meta
+
+    def data_states(self, step: int) -> dict:
+        """Every host's saved iterator state: {(process_index, process_count): state}."""
+        states = {}
+        for f in (epath.Path(self.directory) / str(step) / "data").glob("process_*-of-*.json"):
+            index, count = f.name[len("process_"):-len(".json")].split("-of-")
+            states[(int(index), int(count))] = json.loads(f.read_text())
+        return states
+
+    def restore_state_only(self, step: int, abstract_state):
+        return self.restore(step, abstract_state)
 
     def restore_items(self, step: int, abstract_items: dict) -> dict:
         """Only some items of the saved train state, e.g. {"ema_params": abstract tree}: the rest
@@ -74,8 +145,24 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=abstract_items, restore_args=restore_args, partial_restore=True))).state
 
-    def wait(self):
-        self.manager.wait_until_finished()
+    def set_aside(self, steps) -> str:
+        """Moves unreadable checkpoints to workdir/damaged_checkpoints/ (process 0; kept for
+        inspection, out of the way of the steps that will be saved again)."""
+        target = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+        if jax.process_index() == 0:
+            paths.makedirs(target)
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                dst = os.path.join(target, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+                if paths.is_url(self.directory):
+                    epath.Path(src).rename(dst)
+                else:
+                    shutil.move(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("tcjepa_jax: damaged checkpoints set aside")
+        self.manager.reload()
+        return target
 
     def close(self):
         self.manager.close()

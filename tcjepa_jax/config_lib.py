@@ -3,11 +3,8 @@
 import os
 import sys
 
+from tcjepa_jax import config_checks, config_fields
 from tcjepa_jax.data.sources import available_sources
-from tcjepa_jax.models.layers import REMAT_POLICIES
-from tcjepa_jax.models.predictor import CONDITIONING
-from tcjepa_jax.models.text import T5_SIZES
-from tcjepa_jax.models.vit import vit_config
 
 # configs/ is installed next to tcjepa_jax/ (see setup.py), so this holds after any install.
 DEFAULT_CONFIG = os.path.join(
@@ -28,81 +25,73 @@ def run_command(fn, *args):
         sys.exit(f"error: {e}")
 
 
+_CONFIG_FLAG_ERRORS = (KeyError, AttributeError, ValueError, TypeError, OSError)
+
+
+def _config_flag_error(e: Exception):
+    message = str(e.args[0] if len(e.args) == 1 else e).strip("'\"")
+    message = message.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+    sys.exit(f"error: {type(e).__name__} while reading the command line's config flags: "
+             f"{message}")
+
+
+def define_config_flag(default: str = DEFAULT_CONFIG,
+                       help_text: str = "Training config file (configs/*.py[:ARGS])."):
+    """The --config flag. ml_collections loads the file and applies --config.KEY=VALUE while
+    the flag is defined (at import): a file that fails to load or an override of a field that
+    does not exist (`--config.model.encodr=...`, reported with a "did you mean") is one message
+    and exit status 1, not a traceback."""
+    from ml_collections import config_flags
+    try:
+        return config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
+    except _CONFIG_FLAG_ERRORS as e:
+        _config_flag_error(e)
+
+
+def config_value(flag):
+    """The config of a define_config_flag flag; a file that failed to load is one message."""
+    try:
+        config = flag.value
+        config.to_dict()  # a file that failed to load raises only when the config is read
+        return config
+    except _CONFIG_FLAG_ERRORS as e:
+        _config_flag_error(e)
+
+
+def parse_flags(argv):
+    """absl flag parsing for commands with --config: errors of the config flags as in
+    define_config_flag."""
+    from absl import flags
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # its message may hold the traceback of a config file's error
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        sys.exit(f"error: {lines[0]} {lines[-1].strip() if len(lines) > 1 else ''}".strip())
+    except _CONFIG_FLAG_ERRORS as e:
+        _config_flag_error(e)
+
+
 def _check(condition: bool, message: str):
     if not condition:
         raise ValueError(message)
 
 
-def _check_range(name: str, value, low: float, high: float):
-    _check(len(value) == 2 and low <= value[0] <= value[1] <= high,
-           f"{name}={tuple(value)} must be a (min, max) pair with {low} <= min <= max <= {high}.")
-
-
 def validate_config(config) -> None:
-    _check(config.total_steps > 0, f"total_steps must be positive, got {config.total_steps}.")
-    _check(config.batch_size > 0, f"batch_size must be positive, got {config.batch_size}.")
-    _check(config.log_every > 0 and config.checkpoint_every > 0,
-           "log_every and checkpoint_every must be positive.")
-    _check(config.model.conditioning in CONDITIONING,
-           f"model.conditioning={config.model.conditioning!r}; choose one of {CONDITIONING}.")
-    _check(config.input.source in available_sources(),
-           f"input.source={config.input.source!r}; choose one of {available_sources()}.")
-    _check(config.input.get("workers", 0) >= 0 and config.input.get("num_threads", 1) >= 0,
-           "input.workers and input.num_threads must be >= 0.")
-    _check(config.model.get("text_vocab_size", 0) >= 0, "model.text_vocab_size must be >= 0.")
+    """Every field of configs/common.py (config_fields.FIELDS: names, types, ranges, choices),
+    then the probe settings and the fields against each other; a ValueError that names the field
+    and says what to change. Needs no devices: experiment.setup checks the mesh and the batch
+    against them afterwards (config_checks.check_devices)."""
+    config_fields.check_fields(config)
     _check_probe(config)
-    if config.model.conditioning != "none" and config.input.source == "tfds":
-        _check(bool(config.input.caption_key or config.input.caption_file),
-               f"model.conditioning={config.model.conditioning!r} needs captions, but TFDS dataset "
-               f"{config.input.tfds_name!r} is read without any: set input.caption_file (a JSONL "
-               "caption file, see docs/data.md) or input.caption_key (a caption feature), or train "
-               "I-JEPA with model.conditioning='none'.")
-    try:
-        vit_config(config.model.encoder)
-    except ValueError as e:
-        raise ValueError(f"model.encoder: {e}") from None
-    _check(config.model.text in T5_SIZES,
-           f"model.text={config.model.text!r}; choose one of {tuple(T5_SIZES)}.")
-    checkpoint = config.model.get("text_checkpoint", "")
-    if checkpoint and config.model.conditioning != "none":
-        spiece = os.path.join(checkpoint, "spiece.model")
-        _check(not config.tokenizer.model_path
-               or config.tokenizer.model_path.rstrip("/") == spiece.rstrip("/"),
-               f"model.text_checkpoint={checkpoint!r} brings its own tokenizer ({spiece}), but "
-               f"tokenizer.model_path={config.tokenizer.model_path!r} names another; set "
-               "tokenizer.model_path=\"\" (a T5 reads only the ids of its own tokenizer).")
-    width, heads = config.model.predictor_width, config.model.predictor_heads
-    _check(width % 4 == 0 and width % heads == 0,
-           f"model.predictor_width={width} must be divisible by 4 (2-D sin-cos position "
-           f"embedding) and by model.predictor_heads={heads}.")
-    for axis, size in config.mesh:
-        _check(size == -1 or size >= 1, f"config.mesh axis {axis!r} has size {size}; use >= 1 or -1.")
-    _check(config.model.remat in (True, False) + REMAT_POLICIES,
-           f"model.remat={config.model.remat!r}; choose one of {REMAT_POLICIES}.")
-    _check(config.optim.get("mu_dtype", "float32") in ("float32", "bfloat16"),
-           f"optim.mu_dtype={config.optim.get('mu_dtype')!r}; choose 'float32' or 'bfloat16'.")
-    _check(config.get("grad_accum", 1) >= 1, "grad_accum must be >= 1.")
-    _check(config.model.dtype in ("float32", "bfloat16"),
-           f"model.dtype={config.model.dtype!r}; choose 'float32' or 'bfloat16'.")
-    _check(config.loss.pred in ("smooth_l1", "l2"),
-           f"loss.pred={config.loss.pred!r}; choose 'smooth_l1' or 'l2'.")
-    _check(config.loss.sparse_weight >= 0 and config.loss.consistency_weight >= 0,
-           "loss.sparse_weight and loss.consistency_weight must be >= 0.")
-    _check(config.input.num_captions >= 1 and config.input.max_caption_len >= 2,
-           "input.num_captions must be >= 1 and input.max_caption_len >= 2.")
-    _check_range("input.crop_scale", config.input.crop_scale, 0.0, 1.0)
-    _check(0 <= config.optim.warmup_steps <= config.total_steps,
-           f"optim.warmup_steps={config.optim.warmup_steps} must lie in [0, total_steps].")
-    _check(config.optim.wd_start > 0, "optim.wd_start must be > 0 (the ramp is multiplicative).")
-    _check(0 <= config.optim.ema_start <= config.optim.ema_end <= 1,
-           "optim.ema_start <= optim.ema_end must both lie in [0, 1].")
+    config_checks.check_combinations(config)
 
 
 def _check_probe(config) -> None:
     if not config.probe.enabled:
         return
     from tcjepa_jax.evaluators import available_evaluators
-    for name in config.probe.get("evaluators", ("linear",)):
+    names = tuple(config.probe.get("evaluators", ("linear",)))
+    for name in names:
         _check(name in available_evaluators(),
                f"probe.evaluators has {name!r}; choose from {available_evaluators()}.")
     _check(config.probe.get("encoder", "target") in ("target", "context"),
@@ -111,11 +100,25 @@ def _check_probe(config) -> None:
     source = config.probe.get("source", "") or config.input.source
     _check(source in available_sources(),
            f"probe.source={source!r}; choose one of {available_sources()}.")
+    mask_key = config.probe.get("segmentation_key", "")
+    _check(isinstance(mask_key, str), f"probe.segmentation_key={mask_key!r} must be a string.")
+    ignore = config.probe.get("segmentation_ignore", 255)
+    _check(isinstance(ignore, int) and not isinstance(ignore, bool),
+           f"probe.segmentation_ignore={ignore!r} must be an integer class (the mask value whose "
+           "pixels the dense probe leaves out; one that never occurs, e.g. 255, leaves none out).")
+    _check(not mask_key or source == "tfds",
+           f"probe.segmentation_key={mask_key!r} names a TFDS feature, but the probe source is "
+           f"{source!r}; set probe.source='tfds' (with probe.tfds_name) or "
+           "probe.segmentation_key=''.")
     if source != "synthetic":
-        _check("dense" not in config.probe.get("evaluators", ()),
+        _check("dense" not in names or bool(mask_key),
                f"the dense evaluator needs per-pixel labels, which probe source {source!r} has "
-               "not; remove 'dense' from probe.evaluators (or set probe.enabled=False).")
-        _check(bool(config.probe.get("label_key", "") or config.input.get("label_key", "")
-                    or source == "array_record"),
-               f"the evaluators need labels: set probe.label_key for probe source {source!r}, "
-               "or probe.enabled=False.")
+               "not: for a TFDS segmentation set, set probe.segmentation_key to its mask feature; "
+               "otherwise remove 'dense' from probe.evaluators (or set probe.enabled=False).")
+        image_level = [n for n in names if n != "dense"]
+        _check(not image_level or bool(config.probe.get("label_key", "")
+                                       or config.input.get("label_key", "")
+                                       or source == "array_record"),
+               f"the evaluators {image_level} need image labels: set probe.label_key for probe "
+               f"source {source!r}, keep only 'dense' in probe.evaluators (with "
+               "probe.segmentation_key), or set probe.enabled=False.")

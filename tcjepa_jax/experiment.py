@@ -5,12 +5,12 @@ of the user (config, data paths, tokenizer files) fails here with a UserError, b
 compilation.
 """
 
-import math
 from typing import Any, NamedTuple
 
 import jax
 from jax.experimental import multihost_utils
 
+from tcjepa_jax import config_checks
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
 from tcjepa_jax.config_lib import UserError, validate_config
@@ -35,20 +35,8 @@ def setup(config, workdir: str, with_data: bool = True) -> Experiment:
     """Everything that can fail because of the user happens here, before any compilation."""
     try:
         validate_config(config)
+        config_checks.check_devices(config, jax.device_count(), jax.process_count())
         mesh = shard_lib.make_mesh(config)
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch is split over these
-        if config.batch_size % shards or config.batch_size % jax.process_count():
-            raise ValueError(
-                f"batch_size={config.batch_size} must divide over the {shards} batch shards of "
-                f"the mesh (data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}) and the "
-                f"{jax.process_count()} hosts; choose a multiple of "
-                f"{math.lcm(shards, jax.process_count())}.")
-        accum = config.get("grad_accum", 1)
-        if accum < 1 or (config.batch_size // shards) % accum:
-            raise ValueError(
-                f"grad_accum={accum}: each batch shard's {config.batch_size // shards} examples "
-                f"(batch_size={config.batch_size} over {shards} shards) must split into {accum} "
-                f"equal micro-batches; choose grad_accum >= 1 dividing {config.batch_size // shards}.")
         source = None
         if with_data:
             source = pipeline.make_source(config.input, config.input.split)

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tcjepa_jax import monitors
 from tcjepa_jax import optim
 from tcjepa_jax import sharding as shard_lib
+from tcjepa_jax.config_lib import UserError
 from tcjepa_jax.masks import MaskSpec
 from tcjepa_jax.models import t5_checkpoint
 from tcjepa_jax.models.predictor import Predictor
@@ -110,6 +111,22 @@ class TrainState:
     params: Any               # {"encoder", "predictor", "text"?}
     ema_params: Any           # target encoder f̄: EMA of params["encoder"]
     opt_state: Any
+    nonfinite: Any            # NONFINITE_COUNTERS: int32 scalars, see make_train_step
+
+
+# Counters of steps whose loss or gradients were not finite (NaN or Inf). Such a step leaves
+# params, ema_params and opt_state untouched; only `step` advances (its batch is consumed).
+#   total       such steps so far (over resumes: it is checkpointed)
+#   in_a_row    length of the current run of consecutive such steps (0 after a finite step)
+#   stop_step   0, or the step at which the run must stop (config.nonfinite): with action
+#               "stop" the first non-finite step, with "skip" the step that made
+#               max_skips_in_a_row in a row. Set once; train.py never checkpoints a state in
+#               which it is set, so a checkpoint always has 0.
+NONFINITE_COUNTERS = ("total", "in_a_row", "stop_step")
+
+
+def nonfinite_counters():
+    return {name: jnp.zeros((), jnp.int32) for name in NONFINITE_COUNTERS}
 
 
 def state_shardings(models: Models, config, tx, mesh):
@@ -122,7 +139,8 @@ def state_shardings(models: Models, config, tx, mesh):
                                           config.sharding_rules)
     replicated = shard_lib.replicated(mesh)
     return TrainState(step=replicated, params=params, ema_params=params["encoder"],
-                      opt_state=opt_state)
+                      opt_state=opt_state,
+                      nonfinite={name: replicated for name in NONFINITE_COUNTERS})
 
 
 def create_train_state(models: Models, config, tx, shardings: TrainState) -> TrainState:
@@ -133,7 +151,8 @@ def create_train_state(models: Models, config, tx, shardings: TrainState) -> Tra
         if text is not None:  # model.text_checkpoint: pretrained T5 weights, not the random init
             params["text"] = text
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          ema_params=params["encoder"], opt_state=tx.init(params))
+                          ema_params=params["encoder"], opt_state=tx.init(params),
+                          nonfinite=nonfinite_counters())
 
     rng, text = init_rng(config), None
     # Read as arguments (not constants) straight into their shardings; skipped under
@@ -239,10 +258,51 @@ def _weighted(metrics: dict, share: dict) -> dict:
     return {name: value * weight(name) for name, value in metrics.items()}
 
 
+def nonfinite_options(config) -> tuple:
+    """(action, max_skips_in_a_row) of config.nonfinite, checked."""
+    options = config.get("nonfinite", {})
+    action = options.get("action", "stop")
+    max_skips = options.get("max_skips_in_a_row", 10)
+    if action not in ("stop", "skip"):
+        raise UserError(f"nonfinite.action={action!r}; choose 'stop' or 'skip'.")
+    if not isinstance(max_skips, int) or max_skips < 1:
+        raise UserError(f"nonfinite.max_skips_in_a_row={max_skips!r} must be an integer >= 1.")
+    return action, max_skips
+
+
+def finite_update(loss, grads) -> tuple:
+    """(ok, global gradient norm): ok is whether the loss and every gradient are finite.
+
+    One reduction serves both: a NaN or Inf anywhere in `grads` makes their global norm NaN or
+    Inf. A norm that overflows float32 (a gradient norm above ~1.8e19, all entries finite)
+    counts as non-finite too, which is what such a step is in all but name."""
+    grad_norm = optax.tree.norm(grads)
+    return jnp.isfinite(loss) & jnp.isfinite(grad_norm), grad_norm
+
+
+def count_nonfinite(counters: dict, ok, step, limit: int) -> dict:
+    """The NONFINITE_COUNTERS after step number `step` (1-based: state.step + 1), whose loss
+    and gradients were finite iff `ok`; `limit` non-finite steps in a row latch stop_step
+    (action "stop" is limit 1, "skip" is max_skips_in_a_row)."""
+    bad = jnp.logical_not(ok).astype(jnp.int32)
+    in_a_row = (counters["in_a_row"] + 1) * bad
+    stop_step = jnp.where((counters["stop_step"] == 0) & (in_a_row >= limit),
+                          jnp.asarray(step, jnp.int32), counters["stop_step"])
+    return {"total": counters["total"] + bad, "in_a_row": in_a_row, "stop_step": stop_step}
+
+
 def make_train_step(models: Models, config, tx, mesh=None):
     """The pure train step. `mesh` (optional) pins activations to the layout config.sharding_rules
     gives their act_* names, and the gradient-accumulation micro-batches to the batch axes;
-    without it XLA propagates the parameters' and the batch's shardings on its own."""
+    without it XLA propagates the parameters' and the batch's shardings on its own.
+
+    A step whose loss or gradients are not finite (NaN or Inf; finite_update) changes nothing
+    but the step counter and state.nonfinite (count_nonfinite): params, ema_params and opt_state
+    (Adam's moments and its own count, so optax's learning-rate and weight-decay schedules do
+    not advance on it) are returned as they came in. What the run does then (stop, or skip and
+    go on) is train.py's, from the counters, at its next metrics fetch or checkpoint save."""
+    action, max_skips = nonfinite_options(config)
+    limit = 1 if action == "stop" else max_skips  # non-finite steps in a row that end the run
     lr = optim.learning_rate_schedule(config.optim, config.total_steps)
     wd = optim.weight_decay_schedule(config.optim, config.total_steps)
     momentum = optim.ema_momentum_schedule(config.optim, config.total_steps)
@@ -289,16 +349,30 @@ def make_train_step(models: Models, config, tx, mesh=None):
         else:  # activations follow config.sharding_rules' act_* names
             with shard_lib.activation_sharding(mesh, config.sharding_rules):
                 grads, metrics = grads_and_metrics(state.params, state.ema_params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        m = momentum(state.step)
-        ema_params = jax.tree.map(lambda e, p: m * e + (1.0 - m) * p,
-                                  state.ema_params, params["encoder"])
         trained = {k: v for k, v in grads.items() if k != "text" or config.model.text_trainable}
-        metrics.update(grad_norm=optax.tree.norm(trained), lr=lr(state.step),
+        ok, grad_norm = finite_update(metrics["loss"], trained)
+        m = momentum(state.step)
+
+        def update(operands):
+            grads, params, ema_params, opt_state = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            ema_params = jax.tree.map(lambda e, p: m * e + (1.0 - m) * p,
+                                      ema_params, params["encoder"])
+            return params, ema_params, opt_state
+
+        # A cond rather than a select of new and old values (jnp.where): the update runs in
+        # place as without the guard (the same ops, so bit-identical results), where a select
+        # keeps new and old optimizer moments alive together (about a third more temporary
+        # memory than the state per device, measured on CPU).
+        params, ema_params, opt_state = jax.lax.cond(
+            ok, update, lambda operands: operands[1:],
+            (grads, state.params, state.ema_params, state.opt_state))
+        metrics.update(grad_norm=grad_norm, lr=lr(state.step),
                        weight_decay=wd(state.step), ema_momentum=m)
-        new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
-                               opt_state=opt_state)
+        new_state = TrainState(
+            step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
+            nonfinite=count_nonfinite(state.nonfinite, ok, state.step + 1, limit))
         return new_state, metrics
 
     return train_step

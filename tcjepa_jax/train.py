@@ -14,7 +14,6 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from tcjepa_jax import checkpoint as ckpt_lib
 from tcjepa_jax import chips
@@ -24,21 +23,25 @@ from tcjepa_jax import flops as flops_lib
 from tcjepa_jax import monitors
 from tcjepa_jax import optim
 from tcjepa_jax import paths
+from tcjepa_jax import resume
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
-from tcjepa_jax.config_lib import DEFAULT_CONFIG, UserError, run_command
+from tcjepa_jax.config_lib import UserError, config_value, define_config_flag, parse_flags, run_command
 from tcjepa_jax.experiment import setup
 from tcjepa_jax.data import pipeline
 from tcjepa_jax.metrics import MetricWriter, Profiler, Progress
+from tcjepa_jax.nonfinite import NonfiniteWatch
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Training config file (configs/*.py[:ARGS]).", lock_config=True)
+_CONFIG = define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<config.name>.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "Multi-host: host:port of process 0 (the same on every host); "
     "empty = found from the environment (TPU pods, SLURM) or a single-host run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's id.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir even though the given config changes the "
+    "experiment (model, data, masks, loss, schedule, batch) against its checkpoint's config.")
 
 
 # Written by process 0 when a run has reached config.total_steps.
@@ -47,8 +50,12 @@ FINAL_METRICS = "final_metrics.json"
 
 # ---- Train -----------------------------------------------------------------------------------
 
-def train(config, workdir: str) -> dict:
-    """Trains to config.total_steps (resuming if possible); returns the final metrics."""
+def train(config, workdir: str, allow_config_change: bool = False) -> dict:
+    """Trains to config.total_steps (resuming if possible); returns the final metrics.
+
+    allow_config_change: resume even if the checkpoint's config differs in fields that change
+    the experiment (resume.py).
+    """
     workdir = paths.absolute(workdir)
     paths.makedirs(workdir)
     logging.info("Run %s in %s.", config.name, workdir)
@@ -60,23 +67,21 @@ def train(config, workdir: str) -> dict:
                                          shardings, mesh)
     batch_sharding = shard_lib.batch_sharding(mesh)
 
-    data_iter = pipeline.make_train_iterator(
-        config, tokenizer, models.mask_spec, source=source,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    def make_iterator(start: int):
+        return pipeline.make_train_iterator(
+            config, tokenizer, models.mask_spec, source=source, start=start,
+            process_index=jax.process_index(), process_count=jax.process_count())
+
     logging.info("Training data: %s, %d worker processes.", source, config.input.workers)
     checkpointer = ckpt_lib.Checkpointer(workdir, config)
     checkpointer.install_sigterm_handler()
-
-    start_step = checkpointer.latest_step()
-    if start_step is None:
-        state, start_step = step_lib.create_train_state(models, config, tx, shardings), 0
-    else:
-        logging.info("Resuming from %s at step %d.", checkpointer.directory, start_step)
-        _check_layout(checkpointer.restore_config(start_step), config)
-        abstract = jax.eval_shape(
-            lambda: step_lib.create_train_state(models, config, tx, shardings))
-        state = checkpointer.restore(
-            start_step, ckpt_lib.abstract_like(abstract, shardings), data_iter)
+    # The newest readable checkpoint, or step 0 (from config.init_from's weights if set).
+    abstract = ckpt_lib.abstract_like(jax.eval_shape(
+        lambda: step_lib.create_train_state(models, config, tx, shardings)), shardings)
+    state, data_iter, start_step, data_start = resume.resume_or_start(
+        checkpointer, config, abstract_state=abstract,
+        new_state=lambda: step_lib.create_train_state(models, config, tx, shardings),
+        make_iterator=make_iterator, allow_config_change=allow_config_change)
 
     writer = MetricWriter(workdir, config)
     metrics = {}
@@ -93,31 +98,40 @@ def train(config, workdir: str) -> dict:
         profiler = Profiler(config, workdir)
         periodic_eval = evaluation.PeriodicEvaluator(config, workdir, models, writer)
         collapse = monitors.CollapseWatch(config.get("monitor", {}).get("collapse_fraction", 0))
+        nonfinite = NonfiniteWatch(config, checkpointer, start_step,
+                                   jax.device_get(state.nonfinite))
 
-        for step in range(start_step + 1, config.total_steps + 1):
-            profiler.before(step)
-            state, step_metrics = compiled(state, batch)
-            profiler.after(step, state)
-            last = step == config.total_steps
-            if step % config.log_every == 0 or last or step == start_step + 1:
-                metrics = jax.device_get(step_metrics)
-                metrics.update(progress.update(step), **data_iter.counter.metrics())
-                writer.write(step, metrics)
-                collapse.update(step, metrics)
-                if not np.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"Loss is {metrics['loss']} at step {step}.")
-            periodic_eval.maybe_run(step, state)
-            preempted = checkpointer.preempted(step)
-            checkpointer.save(step, state, data_iter, config, force=last or preempted)
-            if preempted:
-                periodic_eval.close()
-                checkpointer.wait()
-                writer.close()
-                checkpointer.close()
-                logging.warning("Preempted: saved step %d, exiting.", step)
-                sys.exit(0)
-            if not last:
-                batch = shard_lib.make_global_batch(next(data_iter), batch_sharding)
+        try:
+            for step in range(start_step + 1, config.total_steps + 1):
+                profiler.before(step)
+                state, step_metrics = compiled(state, batch)
+                profiler.after(step, state)
+                last = step == config.total_steps
+                if step % config.log_every == 0 or last or step == start_step + 1:
+                    metrics, counters = jax.device_get((step_metrics, state.nonfinite))
+                    metrics.update(progress.update(step), **data_iter.counter.metrics(),
+                                   **nonfinite.metrics(counters))
+                    writer.write(step, metrics)
+                    collapse.update(step, metrics)
+                    nonfinite.check(step, counters)
+                periodic_eval.maybe_run(step, state)
+                preempted = checkpointer.preempted(step)
+                if last or preempted or checkpointer.manager.should_save(step):
+                    nonfinite.check_before_save(step, state)  # never save past a stop
+                checkpointer.save(step, state, data_iter, config, force=last or preempted,
+                                  data_start=data_start)
+                if preempted:
+                    periodic_eval.close()
+                    checkpointer.wait()
+                    writer.close()
+                    checkpointer.close()
+                    logging.warning("Preempted: saved step %d, exiting.", step)
+                    sys.exit(0)
+                if not last:
+                    batch = shard_lib.make_global_batch(next(data_iter), batch_sharding)
+        except BaseException:
+            checkpointer.wait_after_error()  # a save in flight completes before the exit
+            raise
         periodic_eval.close()
         checkpointer.wait()
     else:
@@ -160,17 +174,6 @@ def _step_flops(compiled, config, models, mesh) -> float:
         return 0.0
 
 
-def _check_layout(saved: dict, config):
-    """Scanned and unrolled layers store parameters differently: say so instead of failing
-    deep inside Orbax (models/scan_params.py converts parameter trees between the two)."""
-    was = bool(saved.get("model", {}).get("scan_layers", False))
-    if was != bool(config.model.get("scan_layers", False)):
-        raise UserError(
-            f"The checkpoint was written with model.scan_layers={was}, this run has "
-            f"model.scan_layers={not was}; their parameters are laid out differently. Resume "
-            f"with --config.model.scan_layers={was}, or start a new workdir.")
-
-
 def _log_model(config, mesh, models, shardings):
     sizes = jax.tree.map(lambda s: s.shape, jax.eval_shape(
         lambda: step_lib.init_params(models, config, jax.random.key(0))))
@@ -183,7 +186,7 @@ def _log_model(config, mesh, models, shardings):
 
 def main(argv):
     del argv
-    config = _CONFIG.value
+    config = config_value(_CONFIG)
     run_command(join_and_train, config, _WORKDIR.value or os.path.join("runs", config.name))
 
 
@@ -192,12 +195,12 @@ def join_and_train(config, workdir: str) -> dict:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as e:
         raise UserError(str(e)) from e
-    return train(config, workdir)
+    return train(config, workdir, _ALLOW_CONFIG_CHANGE.value)
 
 
 def run():
     """Console-script entry point (tcjepa-train)."""
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def test_evaluators_read_any_labelled_source(tmp_path):
                         num_test=16, evaluators=("linear", "knn"))
     train = _features.load_split(config, "train", 24)
     assert train["labels"]["label"].tolist() == [i % 2 for i in range(26) if i not in (3, 5)]
-    assert train["skipped"] == {"no_label": 1, "bad_record": 1}
+    assert train["skipped"] == {"no_label": 1, "undecodable_image": 1}  # counted by kind
     assert train["image"].shape == (24, 32, 32, 3) and train["segmentation"] is None
     data = evaluation.EvalData(config)
     assert data.test["labels"]["label"].tolist() == [i % 2 for i in range(26, 42)]

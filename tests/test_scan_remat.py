@@ -90,12 +90,12 @@ def test_scanned_layers_match_unrolled(conditioning):
 
 def test_resuming_across_scan_layouts_is_a_clear_error():
     import ml_collections
-    from tcjepa_jax import train
+    from tcjepa_jax import resume
     from tcjepa_jax.config_lib import UserError
     config = ml_collections.ConfigDict({"model": {"scan_layers": True}})
-    train._check_layout({"model": {"scan_layers": True}}, config)  # same layout: fine
+    resume.check_layout({"model": {"scan_layers": True}}, config)  # same layout: fine
     with pytest.raises(UserError, match="scan_layers=False"):
-        train._check_layout({"model": {"scan_layers": False}}, config)
+        resume.check_layout({"model": {"scan_layers": False}}, config)
 
 
 @pytest.mark.parametrize("conditioning", ["all", "first"])

@@ -367,15 +367,19 @@ def test_cli_user_error_has_no_traceback(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     env.pop("XLA_FLAGS", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "tcjepa_jax.train", "--config=configs/synthetic_tiny.py",
-         "--config.model.conditioning=bogus", f"--workdir={tmp_path / 'run'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "error:" in result.stderr
-    assert "conditioning" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    # A bad value, a field that does not exist (refused by ml_collections while the flag is
+    # defined) and a config file that does not exist.
+    for flag, named in [("--config.model.conditioning=bogus", "conditioning"),
+                        ("--config.model.encodr=x", "encoder"),
+                        ("--config=configs/nothere.py", "nothere.py")]:
+        result = subprocess.run(
+            [sys.executable, "-m", "tcjepa_jax.train", "--config=configs/synthetic_tiny.py",
+             flag, f"--workdir={tmp_path / 'run'}"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert "error:" in result.stderr and named in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+        assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 # ---- bf16 compute ---------------------------------------------------------------------------

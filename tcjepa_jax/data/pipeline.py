@@ -79,7 +79,8 @@ def record_captions(record: dict, require: bool) -> tuple[list[str], dict]:
 class TrainExample:
     """map_with_index transform: (position in this host's stream, record index) -> example | marker."""
 
-    def __init__(self, source, config, tokenizer, mask_spec, process_index, process_count):
+    def __init__(self, source, config, tokenizer, mask_spec, process_index, process_count,
+                 start: int = 0):
         self.source, self.tokenizer, self.mask_spec = source, tokenizer, mask_spec
         self.seed = int(config.seed)
         self.image_size = int(config.input.image_size)
@@ -87,11 +88,11 @@ class TrainExample:
         self.num_captions = int(config.input.num_captions)
         self.max_len = int(config.input.max_caption_len)
         self.require_captions = bool(config.input.get("skip_uncaptioned", True))
-        self.process_index, self.process_count = process_index, process_count
+        self.process_index, self.process_count, self.start = process_index, process_count, start
         self.epoch_size = len(source)
 
     def __call__(self, position: int, record_index: int):
-        global_position = position * self.process_count + self.process_index
+        global_position = self.start + position * self.process_count + self.process_index
         epoch = global_position // self.epoch_size
         record_index = int(record_index)
         try:
@@ -146,11 +147,13 @@ def per_host_batch_size(config, process_count: int) -> int:
 
 def make_train_dataset(config, tokenizer, mask_spec, *, process_index: int = 0,
                        process_count: int = 1, source=None,
-                       counter: BadRecordCounter | None = None) -> GoodBatches:
+                       counter: BadRecordCounter | None = None, start: int = 0) -> GoodBatches:
     """This host's infinite stream of training batches (see the module docstring).
 
     `source` overrides make_source(config.input, config.input.split) (tests, custom data);
-    `counter` overrides the iterator's own BadRecordCounter (tests).
+    `counter` overrides the iterator's own BadRecordCounter (tests); `start` skips that many
+    records of the global (all hosts') stream: a run resumed on a different number of hosts
+    continues where the old hosts stopped (resume.py).
     """
     batch = per_host_batch_size(config, process_count)
     if not 0 <= process_index < process_count:
@@ -158,8 +161,9 @@ def make_train_dataset(config, tokenizer, mask_spec, *, process_index: int = 0,
     src = make_source(config.input, config.input.get("split", "train")) if source is None else source
     if not len(src):
         raise ValueError(f"The training source {src!r} has no records.")
-    fn = TrainExample(src, config, tokenizer, mask_spec, process_index, process_count)
+    fn = TrainExample(src, config, tokenizer, mask_spec, process_index, process_count, start)
     ds = grain.MapDataset.range(len(src)).shuffle(seed=int(config.seed) % 2**32).repeat(None)
+    ds = ds[start:] if start else ds
     ds = ds[process_index::process_count].map_with_index(fn)
     prefetch = max(int(config.input.get("prefetch", 2)), 1) * batch
     workers = int(config.input.get("workers", 0))

@@ -2,11 +2,15 @@
 
 Evaluation data come from any source with labels (tcjepa_jax/data/sources): by default the
 training source (`config.input`), or another one named in `config.probe` (`source`,
-`data_dir`, `tfds_name`, `label_key`, `train_split`, `test_split`). Images are resized (shorter
-side) and centre-cropped to `input.image_size`, never augmented. Tasks:
+`data_dir`, `tfds_name`, `label_key`, `segmentation_key`, `train_split`, `test_split`). Images
+are resized (shorter side) and centre-cropped to `input.image_size`, never augmented. Tasks:
 - the synthetic scenes: `count`, `shape`, `color` (image labels) and per-pixel object labels
   (`segmentation`) for the dense evaluators;
-- any other source: `label` (its integer label; records without one are skipped and counted).
+- any other source: `label` (its integer label; records without one are skipped and counted),
+  and for a TFDS source with `probe.segmentation_key` the per-pixel class mask
+  (`segmentation`), cropped like its image but resized nearest-neighbour (records without a
+  usable mask are skipped and counted). With a mask but no `label_key`, records need no label
+  and there is no image-level task (only the dense evaluator has something to fit).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from tcjepa_jax.data import pipeline, transforms
-from tcjepa_jax.data.decode import decode_image
+from tcjepa_jax.data.decode import BadRecord, decode_image
 from tcjepa_jax.data.sources import make_source
 
 
@@ -28,7 +32,7 @@ class Split(NamedTuple):
     pooled: np.ndarray                   # (n, D) average-pooled patch tokens
     tokens: np.ndarray                   # (n, N, D) patch tokens
     labels: dict                         # task -> (n,) int32
-    segmentation: Optional[np.ndarray]   # (n, S, S) per-pixel labels, or None
+    segmentation: Optional[np.ndarray]   # (n, S, S) per-pixel class labels, or None
 
 
 class Features(NamedTuple):
@@ -41,7 +45,7 @@ def eval_input(config) -> ml_collections.ConfigDict:
     """config.input with the probe's own data settings laid over it."""
     cfg = config.input.copy_and_resolve_references()
     probe = config.probe
-    for field in ("source", "data_dir", "tfds_name", "label_key"):
+    for field in ("source", "data_dir", "tfds_name", "label_key", "segmentation_key"):
         if probe.get(field, ""):
             cfg[field] = probe[field]
     cfg.caption_file = ""  # evaluators read no text
@@ -49,9 +53,16 @@ def eval_input(config) -> ml_collections.ConfigDict:
 
 
 def tasks_of(config) -> tuple:
-    if eval_input(config).source == "synthetic":
+    cfg = eval_input(config)
+    if cfg.source == "synthetic":
         return tuple(t for t in config.probe.tasks if t != "patch")
-    return ("label",)
+    return ("label",) if _needs_label(cfg) else ()
+
+
+def _needs_label(cfg) -> bool:
+    """Whether the probe's records must have an image label: unless they are read for their
+    masks only (a segmentation_key and no label_key)."""
+    return bool(cfg.get("label_key", "")) or not cfg.get("segmentation_key", "")
 
 
 def load_split(config, split: str, num_examples: int, skip: int = 0) -> dict:
@@ -65,41 +76,69 @@ def load_split(config, split: str, num_examples: int, skip: int = 0) -> dict:
         return {"image": arrays["image"], "segmentation": arrays["segmentation"],
                 "labels": {t: arrays[f"label_{t}"] for t in tasks_of(config)}}
     src = make_source(cfg, split)
-    size = int(cfg.image_size)
-    images, labels, skipped = [], [], collections.Counter()
+    size, with_masks = int(cfg.image_size), bool(cfg.get("segmentation_key", ""))
+    ignore = int(config.probe.get("segmentation_ignore", 255))
+    images, labels, masks, skipped = [], [], [], collections.Counter()
     for index in range(len(src)):
         if len(images) == num_examples + skip:
             break
         try:
             record = src[index]
             label = int(record.get("label", -1))
-            if label < 0:
+            if label < 0 and _needs_label(cfg):
                 skipped["no_label"] += 1
                 continue
             image = record["image"]
             image = decode_image(image) if isinstance(image, (bytes, bytearray)) else image
-        except Exception:  # noqa: BLE001 - a bad record is skipped and counted, as in training
-            skipped["bad_record"] += 1
+            mask = _checked_mask(record["segmentation"], image, ignore) if with_masks else None
+        except Exception as e:  # noqa: BLE001 - skipped and counted by kind, as in training
+            skipped[getattr(e, "kind", "bad_record")] += 1
             continue
         keep = len(images) >= skip
         images.append(transforms.normalize(center_crop(image, size)) if keep else None)
+        masks.append(center_crop(mask, size, nearest=True) if keep and with_masks else None)
         labels.append(label)
-    images, labels = images[skip:], labels[skip:]
+    images, labels, masks = images[skip:], labels[skip:], masks[skip:]
     if len(images) < num_examples:
+        what = "labelled images" if _needs_label(cfg) else "images with a mask"
         raise ValueError(f"probe split {split!r} of {cfg.source} has {len(images) + skip} "
-                         f"labelled images, fewer than the {num_examples + skip} asked for "
+                         f"{what}, fewer than the {num_examples + skip} asked for "
                          f"(skipped: {dict(skipped) or 'none'}).")
-    return {"image": np.stack(images).astype(np.float32), "segmentation": None,
-            "labels": {"label": np.asarray(labels, np.int32)}, "skipped": dict(skipped)}
+    segmentation = None
+    if with_masks:
+        segmentation = np.stack(masks)
+        small = segmentation.min() >= 0 and segmentation.max() < 256
+        segmentation = segmentation.astype(np.uint8 if small else np.int32)
+    return {"image": np.stack(images).astype(np.float32), "segmentation": segmentation,
+            "labels": {t: np.asarray(labels, np.int32) for t in tasks_of(config)},
+            "skipped": dict(skipped)}
 
 
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to `size`, then cut the central size x size square."""
+def _checked_mask(mask: np.ndarray, image: np.ndarray, ignore: int) -> np.ndarray:
+    """Raises BadRecord (counted by kind) for a mask the dense evaluator cannot use."""
+    if mask.shape[:2] != image.shape[:2]:
+        raise BadRecord("mask_size", f"mask {mask.shape[:2]} is not the image's size "
+                        f"{image.shape[:2]}")
+    if mask.min() < 0 and (mask[mask < 0] != ignore).any():
+        raise BadRecord("negative_mask", "the mask has negative classes other than "
+                        f"probe.segmentation_ignore={ignore}")
+    return mask
+
+
+def center_crop(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    """Resize the shorter side to `size`, then cut the central size x size square. Bilinear,
+    or `nearest` neighbour (for label masks: no class is blended into another), with the same
+    half-pixel-centre geometry."""
     h, w = image.shape[:2]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    image = transforms.resize_bilinear(image, nh, nw)
     top, left = (nh - size) // 2, (nw - size) // 2
+    if nearest:
+        rows = np.minimum(((np.arange(top, top + size) + 0.5) * (h / nh)).astype(np.int64), h - 1)
+        cols = np.minimum(((np.arange(left, left + size) + 0.5) * (w / nw)).astype(np.int64),
+                          w - 1)
+        return image[rows][:, cols]
+    image = transforms.resize_bilinear(image, nh, nw)
     return image[top:top + size, left:left + size]
 
 

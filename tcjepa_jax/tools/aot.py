@@ -31,17 +31,15 @@ from collections import Counter  # noqa: E402
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from tcjepa_jax import chips  # noqa: E402
 from tcjepa_jax import flops as flops_lib  # noqa: E402
 from tcjepa_jax import optim  # noqa: E402
 from tcjepa_jax import sharding as shard_lib  # noqa: E402
 from tcjepa_jax import step as step_lib  # noqa: E402
-from tcjepa_jax.config_lib import DEFAULT_CONFIG, UserError, run_command, validate_config  # noqa: E402
+from tcjepa_jax.config_lib import UserError, config_value, define_config_flag, parse_flags, run_command, validate_config  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Training config file (configs/*.py[:ARGS]).", lock_config=True)
+_CONFIG = define_config_flag()
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU slice to compile for: GENERATION:AxB[xC], e.g. v5e:2x2, v6e:8x8, "
     "v4:2x2x2, v5p:4x4x4 (generations: v4, v5e, v5p, v6e).", required=True)
@@ -300,8 +298,8 @@ def _write_json(path, report):
 
 def main(argv):
     del argv
-    run_command(run_aot, _CONFIG.value, _TOPOLOGY.value, _MFU.value, _JSON.value)
+    run_command(run_aot, config_value(_CONFIG), _TOPOLOGY.value, _MFU.value, _JSON.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

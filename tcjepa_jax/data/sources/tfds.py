@@ -7,6 +7,8 @@
     input.caption_key   a text or sequence-of-text feature with the captions ("" = none)
     input.id_key        the feature with the image id or file name ("" = the example's index)
     input.label_key     an integer label feature ("" = none)
+    segmentation_key    a per-pixel class mask (Image or integer Tensor, "" = none); only the
+                        evaluators set it, from probe.segmentation_key (docs/evaluation.md)
     input.caption_file  JSONL captions joined on the id (see docs/data.md)
 
 Nested features are named with "/" (e.g. "captions/text" in coco_captions). Nothing is
@@ -24,7 +26,8 @@ from tcjepa_jax.data.decode import BadRecord
 # How check_tfds names each setting in its messages, by default the config fields.
 CONFIG_NAMES = {"name": "input.tfds_name", "split": "input.split", "data_dir": "input.data_dir",
                 "image_key": "input.image_key", "id_key": "input.id_key",
-                "label_key": "input.label_key", "caption_key": "input.caption_key"}
+                "label_key": "input.label_key", "caption_key": "input.caption_key",
+                "segmentation_key": "probe.segmentation_key"}
 
 
 # ---- Checks before any work: every failure is one message for the user --------------------
@@ -65,6 +68,8 @@ def check_tfds(name: str, split: str, data_dir: str, keys: dict, names: dict = C
                              f"{name}, not an Image.")
         if key_name == "label_key" and isinstance(feature, tfds.features.ClassLabel):
             label_names = list(feature.names)
+        if key_name == "segmentation_key":
+            _check_mask_feature(feature, f"{names[key_name]}={key}", name)
     try:
         num_examples = info.splits[split].num_examples
     except Exception as e:  # pylint: disable=broad-except  # an unknown split, most likely
@@ -80,10 +85,12 @@ def check_tfds(name: str, split: str, data_dir: str, keys: dict, names: dict = C
 class TfdsReader:
     """Reads one example by index; opens the data source lazily in each process (picklable)."""
 
-    def __init__(self, name, split, data_dir, image_key, id_key="", label_key="", caption_key=""):
+    def __init__(self, name, split, data_dir, image_key, id_key="", label_key="", caption_key="",
+                 segmentation_key=""):
         self.name, self.split, self.data_dir = name, split, data_dir
         self.image_key, self.id_key = image_key, id_key
         self.label_key, self.caption_key = label_key, caption_key
+        self.segmentation_key = segmentation_key
         self._source = None
 
     def __getstate__(self):
@@ -100,9 +107,10 @@ class TfdsReader:
                                             decoders=decoders)
         return self._source
 
-    def read(self, index: int):
-        """(id, encoded image bytes, label or None, captions or None) of example `index`."""
-        example = self.source()[index]
+    def read(self, index: int, example=None):
+        """(id, encoded image bytes, label or None, captions or None) of example `index` (or of
+        `example`, that example as read from source())."""
+        example = self.source()[index] if example is None else example
         image = bytes(_walk(example, self.image_key))
         key = _as_id(_walk(example, self.id_key)) if self.id_key else str(index)
         label = int(_walk(example, self.label_key)) if self.label_key else None
@@ -116,6 +124,10 @@ class TfdsReader:
             else:
                 captions = list(captions)
         return key, image, label, captions
+
+    def segmentation(self, example) -> np.ndarray:
+        """The (H, W) per-pixel class mask of `example` (segmentation_key)."""
+        return as_mask(_walk(example, self.segmentation_key))
 
 
 class TfdsSource:
@@ -132,11 +144,15 @@ class TfdsSource:
         return f"TfdsSource({self.reader.name!r}, split={self.reader.split!r}, {self._len} records)"
 
     def __getitem__(self, index: int) -> dict:
-        key, image, label, captions = self.reader.read(int(index))
+        example = self.reader.source()[int(index)]
+        key, image, label, captions = self.reader.read(int(index), example)
         if self.caption_file is not None:
             captions = self.caption_file.get(key)  # None: the id is not in the file
-        return {"id": key, "image": image, "label": -1 if label is None else label,
-                "captions": captions}
+        record = {"id": key, "image": image, "label": -1 if label is None else label,
+                  "captions": captions}
+        if self.reader.segmentation_key:
+            record["segmentation"] = self.reader.segmentation(example)
+        return record
 
 
 def make(input_cfg, split: str) -> TfdsSource:
@@ -144,7 +160,8 @@ def make(input_cfg, split: str) -> TfdsSource:
     if caption_file and not input_cfg.get("id_key", ""):
         raise ValueError("input.caption_file is joined on the image id: set input.id_key to the "
                          "TFDS feature holding it (e.g. 'file_name' for imagenet2012).")
-    keys = {k: input_cfg.get(k, "") for k in ("image_key", "id_key", "label_key", "caption_key")}
+    keys = {k: input_cfg.get(k, "") for k in ("image_key", "id_key", "label_key", "caption_key",
+                                              "segmentation_key")}
     keys["image_key"] = keys["image_key"] or "image"
     name, data_dir = input_cfg.get("tfds_name", ""), input_cfg.get("data_dir", "")
     num_examples, _ = check_tfds(name, split, data_dir, keys)
@@ -152,6 +169,32 @@ def make(input_cfg, split: str) -> TfdsSource:
 
 
 # ---- Helpers -----------------------------------------------------------------------------------
+
+def as_mask(value) -> np.ndarray:
+    """A mask feature's value as an integer (H, W) array: an (H, W, C) mask must have equal
+    channels (a grey mask stored as RGB); colour-coded masks are not class indices and are
+    refused."""
+    mask = np.asarray(value)
+    if mask.ndim == 3 and mask.shape[-1] > 1 and not (mask == mask[..., :1]).all():
+        raise BadRecord("colour_mask", "the segmentation mask's channels differ: a colour-coded "
+                        "mask, not one class index per pixel")
+    mask = mask[..., 0] if mask.ndim == 3 else mask
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise BadRecord("bad_mask", f"the segmentation mask is {mask.dtype} of shape "
+                        f"{mask.shape}, not integer (H, W) or (H, W, C)")
+    return mask
+
+
+def _check_mask_feature(feature, setting: str, name: str):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    dtype = np.dtype(getattr(feature, "np_dtype", np.float32))
+    rank = len(getattr(feature, "shape", ()) or ())
+    if not isinstance(feature, (tfds.features.Image, tfds.features.Tensor)) or not (
+            np.issubdtype(dtype, np.integer) and rank in (2, 3)):
+        raise ValueError(f"{setting} is a {type(feature).__name__} feature of {name} "
+                         f"({dtype}, rank {rank}), not a per-pixel class mask (an Image or an "
+                         "integer Tensor of shape (H, W) or (H, W, C)).")
+
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
