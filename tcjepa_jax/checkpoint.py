@@ -56,8 +56,14 @@ class Checkpointer:
 
     # ---- Preemption ------------------------------------------------------------------------
     def install_sigterm_handler(self):
-        """SIGTERM (what schedulers send before killing a job) asks for a save at the next step."""
-        if threading.current_thread() is threading.main_thread():
+        """SIGTERM (what schedulers send before killing a job) asks for a save at the next step.
+
+        One process: a Python handler sets a flag. Several: JAX's preemption service (started
+        by jax.distributed.initialize) catches SIGTERM on any host and makes every host reach
+        the same sync step (manager.reached_preemption), so all save that step and exit
+        together; a Python handler would replace its handler and leave the other hosts
+        training while this one exits."""
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self._preempted.set())
 
     def preempted(self, step: int) -> bool:

@@ -4,7 +4,8 @@
 
 Joins the other processes through jax.distributed (gloo collectives on CPU), each with
 8 / NUM_PROCESSES CPU devices, and trains test_train's tiny config in WORKDIR: to the end, or
-saving and exiting after step STOP_AT (> 0), as on preemption. Writes the final metrics to OUT.
+saving and exiting after step STOP_AT (> 0), as on preemption, or (STOP_AT < 0) for 10000 steps,
+until the test sends SIGTERM. Writes the final metrics to OUT.
 """
 
 import json
@@ -30,10 +31,13 @@ jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(work
 if num_processes > 1:
     assert distributed.initialize(f"localhost:{port}", num_processes, process_id)
 assert jax.device_count() == 8 and jax.process_count() == num_processes
-if stop_at:
+config = test_train.tiny_config(tokenizer)
+if stop_at > 0:
     ckpt_lib.Checkpointer.preempted = lambda self, step: step == stop_at
+elif stop_at < 0:  # a long run that the test ends with a real SIGTERM to one host
+    config.total_steps, config.checkpoint_every = 10_000, 10_000
 try:
-    metrics = train.train(test_train.tiny_config(tokenizer), workdir)
+    metrics = train.train(config, workdir)
 except SystemExit:
     metrics = {}
 with open(out, "w") as f:

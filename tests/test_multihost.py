@@ -9,10 +9,13 @@ order: losses and parameters agree to float tolerance.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -76,7 +79,7 @@ def test_two_hosts_match_one_host(tokenizer_path, tmp_path):
     _, outputs = _launch(2, tokenizer_path, workdir, 3, str(tmp_path))   # preempted at step 3
     assert "Preempted: saved step 3" in outputs[0]
     results, outputs = _launch(2, tokenizer_path, workdir, 0, str(tmp_path))  # resumed
-    assert "Resuming from" in outputs[0] and "Resuming from" in outputs[1]
+    assert "Resumed from" in outputs[0] and "Resumed from" in outputs[1]
     assert "Process 1 of 2; 4 local and 8 global devices" in outputs[1]
     # Process 0 alone writes TensorBoard; both report the same, global loss.
     assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -94,6 +97,46 @@ def test_two_hosts_match_one_host(tokenizer_path, tmp_path):
     for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(states[0]),
                                  jax.tree_util.tree_leaves_with_path(states[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_saves_the_same_step_on_all(tokenizer_path, tmp_path):
+    """A scheduler may signal one host first. JAX's preemption service makes every host stop
+    at the same step: all save it and exit 0 (none trains on alone, none waits forever)."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [test_train.REPO, env.get("PYTHONPATH")]))
+    workdir = str(tmp_path / "run")
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", str(port),
+         tokenizer_path, workdir, "-1", str(tmp_path / f"{i}.json")],
+        env=env, cwd=test_train.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for i in range(2)]
+    lines = [[], []]
+    readers = [threading.Thread(target=lambda i=i: lines[i].extend(procs[i].stdout), daemon=True)
+               for i in range(2)]
+    for r in readers:
+        r.start()
+    try:
+        deadline = time.time() + 400
+        while not any("step 3/" in line for line in list(lines[1])) and time.time() < deadline:
+            assert all(p.poll() is None for p in procs), "".join(lines[0][-40:] + lines[1][-40:])
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)          # host 1 only
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            p.kill()
+    for r in readers:
+        r.join(timeout=10)
+    saved = []
+    for i, p in enumerate(procs):
+        out = "".join(lines[i])
+        assert p.returncode == 0, out[-4000:]
+        saved.append(re.search(r"Preempted: saved step (\d+)", out).group(1))
+    assert saved[0] == saved[1]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", saved[0]))
 
 
 def test_cluster_detection_and_flag_errors():
