@@ -117,12 +117,24 @@ def get_base_config() -> ml_collections.ConfigDict:
     # The paper's ablations (docs/method.md): all | first | caption | none (= I-JEPA).
     config.model.conditioning = "all"
     config.model.cond_mlp_ratio = 1.0   # the conditioner's "light" MLP
+    # Where that MLP runs (the paper is ambiguous): per_caption (on each caption's result, then
+    # the max-pool) | after_pool (once on the pooled token: N times less MLP work; another model).
+    config.model.cond_mlp = "per_caption"
+    # How the per-caption cross-attention is computed, the same function either way (to float
+    # rounding): shared (one product of the queries with all captions' words, softmax per
+    # caption) | broadcast (the queries copied once per caption). docs/method.md, section 9.
+    config.model.cond_attention = "shared"
     config.model.text = "base"          # T5_SIZES name
     # A pretrained T5 v1.1 encoder, a Hugging Face folder (config.json, model.safetensors or
     # pytorch_model.bin, spiece.model; docs/method.md): its weights replace the random init, its
     # spiece.model is the tokenizer; model.text must name its size. "" = random init.
     config.model.text_checkpoint = ""
     config.model.text_trainable = False
+    # > 0: T5 runs on this many rows of input.max_caption_len tokens per image, the valid
+    # captions packed whole into them, instead of one padded row per caption (the same features;
+    # a batch whose captions do not fit runs padded). 0, or >= input.num_captions: off.
+    # docs/method.md, section 9.
+    config.model.text_pack_rows = 0
     # Rows of the text embedding table; 0 = the tokenizer's size. A pretrained T5 has 32128.
     config.model.text_vocab_size = 0
     config.model.dtype = "bfloat16"     # compute dtype; parameters stay float32

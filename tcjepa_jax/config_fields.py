@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 from tcjepa_jax.data.sources import available_sources
 from tcjepa_jax.data.synthetic import NUM_CLASSES
 from tcjepa_jax.models.layers import REMAT_POLICIES
-from tcjepa_jax.models.predictor import CONDITIONING
+from tcjepa_jax.models.predictor import COND_ATTENTION, COND_MLP, CONDITIONING
 from tcjepa_jax.models.text import T5_SIZES
 from tcjepa_jax.models.vit import vit_config
 from tcjepa_jax.sharding import BATCH_AXES, MESH_AXES
@@ -146,6 +146,9 @@ FIELDS = {
     "model.predictor_heads": _int(1),
     "model.conditioning": _choice(CONDITIONING),
     "model.cond_mlp_ratio": _num(0, open_low=True),
+    "model.cond_mlp": _choice(COND_MLP),
+    "model.cond_attention": _choice(COND_ATTENTION),
+    "model.text_pack_rows": _int(0, hint="rows of packed captions per image; 0: off"),
     "model.text": _choice(tuple(T5_SIZES)),
     "model.text_checkpoint": _STR,
     "model.text_trainable": _BOOL,

@@ -1,17 +1,73 @@
-"""The host's side of non-finite steps (config.nonfinite; the step's side: step.py).
+"""Non-finite steps (config.nonfinite, docs/reliability.md): the step's side and the host's.
 
-The step counts non-finite steps in TrainState.nonfinite; NonfiniteWatch reads those counters
-where the host syncs anyway (with the logged metrics, and before a checkpoint is saved), logs
-skipped steps and ends the run with NonFiniteError when the counters say so
-(docs/reliability.md).
+The step's side (traced inside make_train_step, step.py): finite_update tells whether a step's
+loss and gradients are finite, and count_nonfinite keeps the NONFINITE_COUNTERS in
+TrainState.nonfinite. The host's side: NonfiniteWatch reads those counters where the host syncs
+anyway (with the logged metrics, and before a checkpoint is saved), logs skipped steps and ends
+the run with NonFiniteError when the counters say so.
 """
 
 import jax
+import jax.numpy as jnp
+import optax
 from absl import logging
 
-from tcjepa_jax import step as step_lib
 from tcjepa_jax.config_lib import UserError
 
+
+# ---- Options ---------------------------------------------------------------------------------
+
+def nonfinite_options(config) -> tuple:
+    """(action, max_skips_in_a_row) of config.nonfinite, checked."""
+    options = config.get("nonfinite", {})
+    action = options.get("action", "stop")
+    max_skips = options.get("max_skips_in_a_row", 10)
+    if action not in ("stop", "skip"):
+        raise UserError(f"nonfinite.action={action!r}; choose 'stop' or 'skip'.")
+    if not isinstance(max_skips, int) or max_skips < 1:
+        raise UserError(f"nonfinite.max_skips_in_a_row={max_skips!r} must be an integer >= 1.")
+    return action, max_skips
+
+
+# ---- The step's side: finiteness and counters (traced) ---------------------------------------
+
+# Counters of steps whose loss or gradients were not finite (NaN or Inf). Such a step leaves
+# params, ema_params and opt_state untouched; only `step` advances (its batch is consumed).
+#   total       such steps so far (over resumes: it is checkpointed)
+#   in_a_row    length of the current run of consecutive such steps (0 after a finite step)
+#   stop_step   0, or the step at which the run must stop (config.nonfinite): with action
+#               "stop" the first non-finite step, with "skip" the step that made
+#               max_skips_in_a_row in a row. Set once; train.py never checkpoints a state in
+#               which it is set, so a checkpoint always has 0.
+NONFINITE_COUNTERS = ("total", "in_a_row", "stop_step")
+
+
+def nonfinite_counters():
+    return {name: jnp.zeros((), jnp.int32) for name in NONFINITE_COUNTERS}
+
+
+def finite_update(loss, grads) -> tuple:
+    """(ok, global gradient norm): ok is whether the loss and every gradient are finite.
+
+    One reduction serves both: a NaN or Inf anywhere in `grads` makes their global norm NaN or
+    Inf. A norm that overflows float32 (a gradient norm above ~1.8e19, all entries finite)
+    counts as non-finite too, which is what such a step is in all but name."""
+    grad_norm = optax.tree.norm(grads)
+    return jnp.isfinite(loss) & jnp.isfinite(grad_norm), grad_norm
+
+
+def count_nonfinite(counters: dict, ok, step, limit: int) -> dict:
+    """The NONFINITE_COUNTERS after step number `step` (1-based: state.step + 1), whose loss
+    and gradients were finite iff `ok`; `limit` non-finite steps in a row latch stop_step
+    (action "stop" is limit 1, "skip" is max_skips_in_a_row)."""
+    bad = jnp.logical_not(ok).astype(jnp.int32)
+    in_a_row = (counters["in_a_row"] + 1) * bad
+    stop_step = jnp.where((counters["stop_step"] == 0) & (in_a_row >= limit),
+                          jnp.asarray(step, jnp.int32), counters["stop_step"])
+    return {"total": counters["total"] + bad, "in_a_row": in_a_row, "stop_step": stop_step}
+
+
+# ---- The host's side -------------------------------------------------------------------------
 
 class NonFiniteError(UserError, FloatingPointError):
     """The loss or the gradients stopped being finite (config.nonfinite); reported like a
@@ -19,12 +75,12 @@ class NonFiniteError(UserError, FloatingPointError):
 
 
 class NonfiniteWatch:
-    """Reads the step's non-finite counters (TrainState.nonfinite, step.count_nonfinite) where
+    """Reads the step's non-finite counters (TrainState.nonfinite, count_nonfinite) where
     the host syncs anyway: with the metrics, and before a checkpoint is saved (a few scalars).
     Logs skipped steps and ends the run with NonFiniteError when the counters say so."""
 
     def __init__(self, config, checkpointer, start_step: int, counters: dict):
-        self.action, self.max_skips = step_lib.nonfinite_options(config)
+        self.action, self.max_skips = nonfinite_options(config)
         self.checkpointer = checkpointer
         self.checked_step, self.seen_total = start_step, int(counters["total"])
 

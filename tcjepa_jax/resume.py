@@ -32,6 +32,8 @@ RESTART_SAFE = (
     "peak_flops_per_device", "profile", "monitor", "probe", "mesh", "mesh_slices",
     "sharding_rules", "grad_accum", "model.remat", "model.scan_layers", "input.workers",
     "input.num_threads", "input.prefetch", "nonfinite", "init_from",
+    # Other ways to compute the same step (docs/method.md, section 9).
+    "model.cond_attention", "model.text_pack_rows",
 )
 _ABSENT = "<absent>"
 
@@ -129,6 +131,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def config_changes(saved: dict, config) -> tuple[dict, dict]:
     """({field: (saved, given)} that change the experiment, {...} that do not)."""
     old, new = _flatten(saved), _flatten(json.loads(config.to_json()))
+    # A field added to configs/common.py after the checkpoint was written had its default then.
+    from configs.common import get_base_config
+    defaults = _flatten(json.loads(get_base_config().to_json()))
+    old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
     changed = {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(old.keys() | new.keys())
                if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
     safe = {k: v for k, v in changed.items()

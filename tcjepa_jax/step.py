@@ -16,11 +16,12 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tcjepa_jax import monitors
+from tcjepa_jax import nonfinite as nonfinite_lib
 from tcjepa_jax import optim
 from tcjepa_jax import sharding as shard_lib
-from tcjepa_jax.config_lib import UserError
 from tcjepa_jax.masks import MaskSpec
 from tcjepa_jax.models import t5_checkpoint
+from tcjepa_jax.models import text as text_lib
 from tcjepa_jax.models.predictor import Predictor
 from tcjepa_jax.models.text import T5_SIZES, T5Encoder
 from tcjepa_jax.models.vit import VisionTransformer, vit_config
@@ -53,6 +54,8 @@ def build_models(config, vocab_size: int) -> Models:
         num_heads=config.model.predictor_heads,
         conditioning=config.model.conditioning,
         cond_mlp_ratio=config.model.cond_mlp_ratio,
+        cond_mlp=config.model.get("cond_mlp", "per_caption"),
+        cond_attention=config.model.get("cond_attention", "shared"),
         dtype=dtype,
         remat=config.model.remat,
         scan=scan,
@@ -111,22 +114,7 @@ class TrainState:
     params: Any               # {"encoder", "predictor", "text"?}
     ema_params: Any           # target encoder f̄: EMA of params["encoder"]
     opt_state: Any
-    nonfinite: Any            # NONFINITE_COUNTERS: int32 scalars, see make_train_step
-
-
-# Counters of steps whose loss or gradients were not finite (NaN or Inf). Such a step leaves
-# params, ema_params and opt_state untouched; only `step` advances (its batch is consumed).
-#   total       such steps so far (over resumes: it is checkpointed)
-#   in_a_row    length of the current run of consecutive such steps (0 after a finite step)
-#   stop_step   0, or the step at which the run must stop (config.nonfinite): with action
-#               "stop" the first non-finite step, with "skip" the step that made
-#               max_skips_in_a_row in a row. Set once; train.py never checkpoints a state in
-#               which it is set, so a checkpoint always has 0.
-NONFINITE_COUNTERS = ("total", "in_a_row", "stop_step")
-
-
-def nonfinite_counters():
-    return {name: jnp.zeros((), jnp.int32) for name in NONFINITE_COUNTERS}
+    nonfinite: Any            # nonfinite.NONFINITE_COUNTERS: int32 scalars, see make_train_step
 
 
 def state_shardings(models: Models, config, tx, mesh):
@@ -140,7 +128,7 @@ def state_shardings(models: Models, config, tx, mesh):
     replicated = shard_lib.replicated(mesh)
     return TrainState(step=replicated, params=params, ema_params=params["encoder"],
                       opt_state=opt_state,
-                      nonfinite={name: replicated for name in NONFINITE_COUNTERS})
+                      nonfinite={name: replicated for name in nonfinite_lib.NONFINITE_COUNTERS})
 
 
 def create_train_state(models: Models, config, tx, shardings: TrainState) -> TrainState:
@@ -152,7 +140,7 @@ def create_train_state(models: Models, config, tx, shardings: TrainState) -> Tra
             params["text"] = text
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           ema_params=params["encoder"], opt_state=tx.init(params),
-                          nonfinite=nonfinite_counters())
+                          nonfinite=nonfinite_lib.nonfinite_counters())
 
     rng, text = init_rng(config), None
     # Read as arguments (not constants) straight into their shardings; skipped under
@@ -199,17 +187,45 @@ def target_features(models: Models, ema_params, images, with_raw: bool = False):
     return (h, raw) if with_raw else h
 
 
-def text_features(models: Models, params, batch, trainable: bool):
+def text_features(models: Models, params, batch, trainable: bool, pack_rows: int = 0):
+    """T5 word features (B, N, S, Dt), float32. A frozen encoder (not `trainable`) runs on
+    stop-gradient parameters, so autodiff builds no tangent or backward work for it at all.
+
+    pack_rows > 0 (model.text_pack_rows): the valid captions of each example are packed whole
+    into that many rows of S tokens (text.pack_captions) and T5 runs on those rows, so it
+    computes pack_rows * S tokens per example instead of N * S. Exact: the features of every
+    valid word of a valid caption are those of the padded computation (up to float rounding);
+    padding words and invalid captions get zeros (nothing reads them). A batch in which some
+    example's captions do not fit runs the padded computation instead (a lax.cond: the same
+    result, at the padded cost, for that step).
+    """
     if models.text is None:  # I-JEPA mode: the predictor ignores text; keep the shapes static.
         return _text_features_shape(models, batch)
-    t = models.text.apply({"params": params["text"]}, batch["text_ids"], batch["text_mask"])
+    text_params = params["text"] if trainable else jax.lax.stop_gradient(params["text"])
+    ids, mask = batch["text_ids"], batch["text_mask"]
+
+    def padded():
+        return models.text.apply({"params": text_params}, ids, mask)
+
+    if pack_rows and pack_rows < ids.shape[1]:
+        packed = text_lib.pack_captions(ids, mask, pack_rows, batch["caption_valid"])
+
+        def packed_rows():
+            t = models.text.apply({"params": text_params}, packed.ids, packed.mask,
+                                  segment_ids=packed.segment)
+            return text_lib.unpack_features(t, packed, mask)
+
+        t = jax.lax.cond(packed.fits, packed_rows, padded)
+    else:
+        t = padded()
     return t if trainable else jax.lax.stop_gradient(t)
 
 
 def loss_fn(params, ema_params, batch, models: Models, config):
     h, raw_target = target_features(models, ema_params, batch["image"], with_raw=True)
     targets = gather_tokens(h, batch["target_idx"])
-    text = text_features(models, params, batch, config.model.text_trainable)
+    text = text_features(models, params, batch, config.model.text_trainable,
+                         int(config.model.get("text_pack_rows", 0)))
     z = models.encoder.apply({"params": params["encoder"]}, batch["image"],
                              batch["context_idx"], batch["context_valid"])
     pred, aux = models.predictor.apply(
@@ -258,50 +274,18 @@ def _weighted(metrics: dict, share: dict) -> dict:
     return {name: value * weight(name) for name, value in metrics.items()}
 
 
-def nonfinite_options(config) -> tuple:
-    """(action, max_skips_in_a_row) of config.nonfinite, checked."""
-    options = config.get("nonfinite", {})
-    action = options.get("action", "stop")
-    max_skips = options.get("max_skips_in_a_row", 10)
-    if action not in ("stop", "skip"):
-        raise UserError(f"nonfinite.action={action!r}; choose 'stop' or 'skip'.")
-    if not isinstance(max_skips, int) or max_skips < 1:
-        raise UserError(f"nonfinite.max_skips_in_a_row={max_skips!r} must be an integer >= 1.")
-    return action, max_skips
-
-
-def finite_update(loss, grads) -> tuple:
-    """(ok, global gradient norm): ok is whether the loss and every gradient are finite.
-
-    One reduction serves both: a NaN or Inf anywhere in `grads` makes their global norm NaN or
-    Inf. A norm that overflows float32 (a gradient norm above ~1.8e19, all entries finite)
-    counts as non-finite too, which is what such a step is in all but name."""
-    grad_norm = optax.tree.norm(grads)
-    return jnp.isfinite(loss) & jnp.isfinite(grad_norm), grad_norm
-
-
-def count_nonfinite(counters: dict, ok, step, limit: int) -> dict:
-    """The NONFINITE_COUNTERS after step number `step` (1-based: state.step + 1), whose loss
-    and gradients were finite iff `ok`; `limit` non-finite steps in a row latch stop_step
-    (action "stop" is limit 1, "skip" is max_skips_in_a_row)."""
-    bad = jnp.logical_not(ok).astype(jnp.int32)
-    in_a_row = (counters["in_a_row"] + 1) * bad
-    stop_step = jnp.where((counters["stop_step"] == 0) & (in_a_row >= limit),
-                          jnp.asarray(step, jnp.int32), counters["stop_step"])
-    return {"total": counters["total"] + bad, "in_a_row": in_a_row, "stop_step": stop_step}
-
-
 def make_train_step(models: Models, config, tx, mesh=None):
     """The pure train step. `mesh` (optional) pins activations to the layout config.sharding_rules
     gives their act_* names, and the gradient-accumulation micro-batches to the batch axes;
     without it XLA propagates the parameters' and the batch's shardings on its own.
 
-    A step whose loss or gradients are not finite (NaN or Inf; finite_update) changes nothing
-    but the step counter and state.nonfinite (count_nonfinite): params, ema_params and opt_state
-    (Adam's moments and its own count, so optax's learning-rate and weight-decay schedules do
-    not advance on it) are returned as they came in. What the run does then (stop, or skip and
-    go on) is train.py's, from the counters, at its next metrics fetch or checkpoint save."""
-    action, max_skips = nonfinite_options(config)
+    A step whose loss or gradients are not finite (NaN or Inf; nonfinite.finite_update) changes
+    nothing but the step counter and state.nonfinite (nonfinite.count_nonfinite): params,
+    ema_params and opt_state (Adam's moments and its own count, so optax's learning-rate and
+    weight-decay schedules do not advance on it) are returned as they came in. What the run
+    does then (stop, or skip and go on) is train.py's, from the counters, at its next metrics
+    fetch or checkpoint save."""
+    action, max_skips = nonfinite_lib.nonfinite_options(config)
     limit = 1 if action == "stop" else max_skips  # non-finite steps in a row that end the run
     lr = optim.learning_rate_schedule(config.optim, config.total_steps)
     wd = optim.weight_decay_schedule(config.optim, config.total_steps)
@@ -350,7 +334,7 @@ def make_train_step(models: Models, config, tx, mesh=None):
             with shard_lib.activation_sharding(mesh, config.sharding_rules):
                 grads, metrics = grads_and_metrics(state.params, state.ema_params, batch)
         trained = {k: v for k, v in grads.items() if k != "text" or config.model.text_trainable}
-        ok, grad_norm = finite_update(metrics["loss"], trained)
+        ok, grad_norm = nonfinite_lib.finite_update(metrics["loss"], trained)
         m = momentum(state.step)
 
         def update(operands):
@@ -372,7 +356,7 @@ def make_train_step(models: Models, config, tx, mesh=None):
                        weight_decay=wd(state.step), ema_momentum=m)
         new_state = TrainState(
             step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
-            nonfinite=count_nonfinite(state.nonfinite, ok, state.step + 1, limit))
+            nonfinite=nonfinite_lib.count_nonfinite(state.nonfinite, ok, state.step + 1, limit))
         return new_state, metrics
 
     return train_step

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tcjepa_jax import checkpoint as ckpt_lib
+from tcjepa_jax import nonfinite as nonfinite_lib
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
 from tcjepa_jax import train as train_lib
@@ -90,24 +91,24 @@ def test_nonfinite_gradients_alone_are_detected():
     """A NaN or Inf only in the gradients (the loss finite) fails the check, as does a
     non-finite loss; finite ones pass."""
     grads = {"encoder": {"w": jnp.ones((3, 2))}, "predictor": {"b": jnp.zeros(4)}}
-    ok, norm = step_lib.finite_update(jnp.float32(1.5), grads)
+    ok, norm = nonfinite_lib.finite_update(jnp.float32(1.5), grads)
     assert bool(ok) and float(norm) == pytest.approx(np.sqrt(6.0))
     for bad in (np.nan, np.inf, -np.inf):
         poisoned = jax.tree.map(lambda x: x, grads)
         poisoned["predictor"]["b"] = poisoned["predictor"]["b"].at[2].set(bad)
-        ok, _ = step_lib.finite_update(jnp.float32(1.5), poisoned)
+        ok, _ = nonfinite_lib.finite_update(jnp.float32(1.5), poisoned)
         assert not bool(ok), bad
-        ok, _ = step_lib.finite_update(jnp.float32(bad), grads)
+        ok, _ = nonfinite_lib.finite_update(jnp.float32(bad), grads)
         assert not bool(ok), bad
 
 
 def test_counters():
-    zero = {name: jnp.int32(0) for name in step_lib.NONFINITE_COUNTERS}
+    zero = {name: jnp.int32(0) for name in nonfinite_lib.NONFINITE_COUNTERS}
 
     def run(limit, oks):
         counters, out = zero, []
         for step, ok in enumerate(oks, start=1):
-            counters = step_lib.count_nonfinite(counters, jnp.bool_(ok), step, limit)
+            counters = nonfinite_lib.count_nonfinite(counters, jnp.bool_(ok), step, limit)
             out.append({k: int(v) for k, v in counters.items()})
         return out
 

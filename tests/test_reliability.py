@@ -190,11 +190,25 @@ def test_changed_experiment_is_refused_unless_allowed(finished, tmp_path, caplog
     assert start.step == TOTAL_STEPS
     assert "allow_config_change" in caplog.text and "optim.lr_peak" in caplog.text
 
+    # A checkpoint from before a field existed: the field had its default, so no change.
+    older = ml_collections.ConfigDict(config.to_dict())
+    del older.model["cond_mlp"]
+    experiment, _ = resume.config_changes(json.loads(older.to_json()), config)
+    assert experiment == {}
+    experiment, _ = resume.config_changes(json.loads(older.to_json()), changed_mlp(config))
+    assert list(experiment) == ["model.cond_mlp"]
+
     harmless = ml_collections.ConfigDict(config.to_dict())
     harmless.log_every, harmless.checkpoint_every = 2, 5
     harmless.probe.evaluators = ("linear",)
     harmless.mesh = (("data", 1), ("fsdp", 8))
     assert _resume(workdir, harmless, setup).step == TOTAL_STEPS
+
+
+def changed_mlp(config):
+    changed = ml_collections.ConfigDict(config.to_dict())
+    changed.model.cond_mlp = "after_pool"
+    return changed
 
 
 # ---- Other meshes and another number of hosts ---------------------------------------------

@@ -109,8 +109,9 @@ def apply_layers(layer_cls, depth: int, x, *args, name: str, scan: bool = False,
 
 
 def attend(q, k, v, key_valid=None, bias=None, scale=None):
-    """Multi-head attention core. q (B,T,H,D), k/v (B,S,H,D), key_valid bool (B,S), bias
-    broadcastable to (B,H,T,S). Returns (B,T,H,D) in q's dtype. `scale` defaults to 1/sqrt(D).
+    """Multi-head attention core. q (B,T,H,D), k/v (B,S,H,D), key_valid bool (B,S) (or (B,T,S):
+    per query), bias broadcastable to (B,H,T,S). Returns (B,T,H,D) in q's dtype. `scale`
+    defaults to 1/sqrt(D).
 
     Plain einsum form: on CPU XLA, ViT-T/16 fwd+bwd (batch 4, 224px) took 0.33 s vs 0.39 s with
     `jax.nn.dot_product_attention` (f32; bf16 0.41 vs 0.44 s). Softmax runs in float32.
@@ -121,7 +122,8 @@ def attend(q, k, v, key_valid=None, bias=None, scale=None):
         logits = logits + bias.astype(jnp.float32)
     if key_valid is not None:
         # finfo.min rather than -inf: a row with no valid key becomes uniform, never NaN.
-        logits = jnp.where(key_valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        valid = key_valid[:, None, None, :] if key_valid.ndim == 2 else key_valid[:, None]
+        logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhts,bshd->bthd", weights, v)
 

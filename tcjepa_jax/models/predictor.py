@@ -8,6 +8,7 @@ that the sparsity and consistency penalties act on.
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from tcjepa_jax.models.layers import (HEADS, Mlp, apply_layers, attend, constrain_tokens, dense,
@@ -18,6 +19,10 @@ Dtype = Any
 CONDITIONING = ("all", "first", "caption", "none")
 
 
+COND_MLP = ("per_caption", "after_pool")
+COND_ATTENTION = ("shared", "broadcast")
+
+
 class TextConditioner(nn.Module):
     """One layer's conditioner.
 
@@ -25,15 +30,27 @@ class TextConditioner(nn.Module):
     caption_valid (B,N) bool. Returns (q_out (B,T,W), O (B,N,T,S) float32 or None).
     mode "words": attend over the words; "caption": one key per caption, the mean valid word
     feature, and no O (caption-level ablation).
+    mlp (model.cond_mlp): "per_caption" runs the MLP on every caption's result before the
+    max-pool; "after_pool" once on the pooled token (N times less MLP work; not the same
+    function). attention (model.cond_attention): "shared" scores the projected queries against
+    all N captions' keys in one product and normalises per caption; "broadcast" copies the
+    queries once per caption and attends caption by caption. Both compute the same thing.
     """
     num_heads: int
     mlp_ratio: float = 1.0
     mode: str = "words"
+    mlp: str = "per_caption"
+    attention: str = "shared"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, q, text, text_mask, caption_valid):
+        if self.mlp not in COND_MLP:
+            raise ValueError(f"cond_mlp={self.mlp!r}; expected one of {COND_MLP}.")
+        if self.attention not in COND_ATTENTION:
+            raise ValueError(f"cond_attention={self.attention!r}; expected one of "
+                             f"{COND_ATTENTION}.")
         b, t, width = q.shape
         n = text.shape[1]
         head_dim = width // self.num_heads
@@ -58,28 +75,58 @@ class TextConditioner(nn.Module):
         self.sow("intermediates", "q_proj", qp)
         self.sow("intermediates", "k_proj", kp)
 
-        # Softmax over all words of each caption (captions folded into the batch).
-        qn = jnp.broadcast_to(qp[:, None], (b, n, t) + heads).reshape((b * n, t) + heads)
-        att = attend(qn, kp.reshape((b * n, s) + heads), vp.reshape((b * n, s) + heads),
-                     key_valid=text_mask.reshape(b * n, s)).reshape((b, n, t) + heads)
+        # Softmax over all words of each caption.
+        if self.attention == "shared":
+            att = attend_captions(qp, kp, vp, text_mask)                        # (B,N,T,H,D)
+        else:  # captions folded into the batch, the queries copied once per caption
+            qn = jnp.broadcast_to(qp[:, None], (b, n, t) + heads).reshape((b * n, t) + heads)
+            att = attend(qn, kp.reshape((b * n, s) + heads), vp.reshape((b * n, s) + heads),
+                         key_valid=text_mask.reshape(b * n, s)).reshape((b, n, t) + heads)
         qc = q[:, None] + dense(width, ("heads", "kv", "embed"), axis=(-2, -1), name="out",
                                 **kw)(att)                                     # (B,N,T,W)
-        qc = constrain_tokens(qc + Mlp(int(width * self.mlp_ratio), name="mlp", **kw)(
-            layer_norm("norm_mlp", **kw)(constrain_tokens(qc))))
+        mlp = Mlp(int(width * self.mlp_ratio), name="mlp", **kw)
+        norm_mlp = layer_norm("norm_mlp", **kw)
+        if self.mlp == "per_caption":
+            qc = constrain_tokens(qc + mlp(norm_mlp(constrain_tokens(qc))))
 
         # Max-pool over valid captions; an example without any caption passes q through.
         pooled = jnp.where(caption_valid[:, :, None, None], qc, -jnp.inf).max(axis=1)
-        out = jnp.where(caption_valid.any(1)[:, None, None], pooled, q).astype(q.dtype)
+        any_caption = caption_valid.any(1)[:, None, None]
+        out = jnp.where(any_caption, pooled, q)
+        if self.mlp == "after_pool":  # on finite values only (-inf would poison the gradients)
+            out = constrain_tokens(out)
+            out = jnp.where(any_caption, out + mlp(norm_mlp(out)), q)
+        out = out.astype(q.dtype)
 
         if self.mode == "caption":
             return out, None
         # O: rectified cosine of the full projected query and key (all heads concatenated).
         qf = qp.reshape(b, t, -1).astype(jnp.float32)
         kf = kp.reshape(b, n, s, -1).astype(jnp.float32)
-        qf = qf / jnp.maximum(jnp.linalg.norm(qf, axis=-1, keepdims=True), 1e-6)
-        kf = kf / jnp.maximum(jnp.linalg.norm(kf, axis=-1, keepdims=True), 1e-6)
+        qf, kf = _unit(qf), _unit(kf)
         o = jnp.maximum(jnp.einsum("btd,bnsd->bnts", qf, kf), 0.0)
         return out, jnp.where(text_mask[:, :, None, :], o, 0.0)
+
+
+def _unit(x):
+    """x / max(|x|, 1e-6) over the last axis, with a finite gradient at x = 0 (where
+    jnp.linalg.norm's is NaN: a zero key, e.g. a zeroed padding word, must not poison the
+    gradient through the masked O entries)."""
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+def attend_captions(q, k, v, text_mask):
+    """Every query against every caption's words, normalised per caption: q (B,T,H,D),
+    k/v (B,N,S,H,D), text_mask bool (B,N,S) -> (B,N,T,H,D) in q's dtype.
+
+    The same as `attend` once per caption with the queries copied N times, as one product over
+    all N*S words (no copy of the queries, and their gradient needs no sum over copies).
+    Softmax in float32; a caption without valid words gets uniform weights (never NaN).
+    """
+    logits = jnp.einsum("bthd,bnshd->bnhts", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    logits = jnp.where(text_mask[:, :, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnhts,bnshd->bnthd", weights, v)
 
 
 def text_penalties(os: list, token_valid, text_mask, caption_valid) -> dict:
@@ -115,6 +162,8 @@ class Predictor(nn.Module):
     mlp_ratio: float = 4.0
     conditioning: str = "all"  # "all" | "first" | "caption" | "none"
     cond_mlp_ratio: float = 1.0
+    cond_mlp: str = "per_caption"      # COND_MLP: the conditioner's MLP per caption or pooled
+    cond_attention: str = "shared"     # COND_ATTENTION: how the per-caption softmax is computed
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: Any = "none"  # layers.REMAT_POLICIES
@@ -169,7 +218,8 @@ class Predictor(nn.Module):
             # Cross-attention is per token, so the K sequences of an example can share one
             # copy of its text: regroup (B*K, T) tokens as (B, K*T) instead of repeating text.
             mode = "caption" if self.conditioning == "caption" else "words"
-            xb, o = cond(self.num_heads, self.cond_mlp_ratio, mode, name=f"cond_{i}", **kw)(
+            xb, o = cond(self.num_heads, self.cond_mlp_ratio, mode, self.cond_mlp,
+                         self.cond_attention, name=f"cond_{i}", **kw)(
                 x.reshape(b, k * (nc + nt), self.width), text, text_mask, caption_valid)
             x = xb.reshape(b * k, nc + nt, self.width)
             if o is not None:
@@ -182,6 +232,7 @@ class Predictor(nn.Module):
         mode = {"all": "words", "first": "words", "caption": "caption", "none": None}
         layer_kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                         cond_mode=mode[self.conditioning], cond_mlp_ratio=self.cond_mlp_ratio,
+                        cond_mlp=self.cond_mlp, cond_attention=self.cond_attention,
                         **kw)
         args = (valid, text, text_mask, caption_valid)
         os, depth = [], self.depth
@@ -203,6 +254,8 @@ class PredictorLayer(nn.Module):
     mlp_ratio: float
     cond_mode: Any
     cond_mlp_ratio: float
+    cond_mlp: str = "per_caption"
+    cond_attention: str = "shared"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -215,6 +268,6 @@ class PredictorLayer(nn.Module):
         bk, t, width = x.shape
         b = text.shape[0]
         xb, o = TextConditioner(self.num_heads, self.cond_mlp_ratio, self.cond_mode,
-                                name="cond", **kw)(x.reshape(b, (bk // b) * t, width), text,
-                                                   text_mask, caption_valid)
+                                self.cond_mlp, self.cond_attention, name="cond", **kw)(
+            x.reshape(b, (bk // b) * t, width), text, text_mask, caption_valid)
         return xb.reshape(bk, t, width), o

@@ -15,7 +15,7 @@ Parameter names follow HF's T5EncoderModel where that is convenient for importin
   block_{i}/mlp/{wi_0,wi_1,wo} <- block.i.layer.1.DenseReluDense.{wi_0,wi_1,wo}
   final_layer_norm             <- encoder.final_layer_norm
 """
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -146,11 +146,16 @@ class T5Encoder(nn.Module):
     scan: bool = False  # nn.scan over the blocks (parameters "blocks", stacked)
 
     @nn.compact
-    def __call__(self, ids, mask):
+    def __call__(self, ids, mask, segment_ids=None):
         """ids int32 (..., S), mask bool (..., S) -> float32 (..., S, width).
-        Padded tokens are masked as keys (their own outputs are meaningless)."""
+        Padded tokens are masked as keys (their own outputs are meaningless). segment_ids
+        (..., S) int, for rows of packed captions (pack_captions): a token attends only to the
+        valid tokens of its own segment."""
         lead, seq = ids.shape[:-1], ids.shape[-1]
         ids, mask = ids.reshape(-1, seq), mask.reshape(-1, seq).astype(bool)
+        if segment_ids is not None:
+            seg = segment_ids.reshape(-1, seq)
+            mask = mask[:, None, :] & (seg[:, :, None] == seg[:, None, :])  # (rows, query, key)
         x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                      embedding_init=nn.with_logical_partitioning(
                          _normal(1.0), ("vocab", "text_embed")), name="shared")(ids)
@@ -169,3 +174,70 @@ class T5Encoder(nn.Module):
                             mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype)
         x = RMSNorm(jnp.float32, self.param_dtype, name="final_layer_norm")(x)
         return x.reshape(*lead, seq, self.width)
+
+
+# ---- Packed captions (model.text_pack_rows) -----------------------------------------------
+
+class PackedCaptions(NamedTuple):
+    ids: jax.Array        # (B, R, S) int32: the captions' tokens, whole, side by side
+    mask: jax.Array       # (B, R, S) bool: the original text_mask of each placed token
+    segment: jax.Array    # (B, R, S) int32: 1 + the caption a slot holds, 0 for empty slots
+    dest: jax.Array       # (B, N, S) int32: flat slot (row * S + column) of every placed token,
+                          #   R * S for tokens not placed (padding, invalid or unplaced captions)
+    fits: jax.Array       # () bool: every valid caption found room
+
+
+def caption_lengths(mask, caption_valid=None):
+    """(B, N) int32: 1 + the last valid position of each caption (0: none, or invalid)."""
+    s = mask.shape[-1]
+    last = jnp.max(jnp.where(mask, jnp.arange(1, s + 1), 0), axis=-1)
+    return last if caption_valid is None else jnp.where(caption_valid, last, 0)
+
+
+def pack_captions(ids, mask, rows: int, caption_valid=None) -> PackedCaptions:
+    """Packs the N captions of each example into `rows` rows of S tokens, first fit in caption
+    order, each caption whole and contiguous (from its first slot to its last valid token, so
+    the distance between any two of its tokens, and with it T5's relative position bias, is
+    the one in its own padded row). ids, mask (B, N, S); caption_valid (B, N) leaves invalid
+    captions out. `fits` is False when some caption found no row with room (the packed rows
+    then lack it: use the padded computation for that batch)."""
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask).astype(bool)
+    b, n, s = ids.shape
+    length = caption_lengths(mask, caption_valid)                          # (B, N)
+    fill = jnp.zeros((b, rows), jnp.int32)
+    row, offset, placed = [], [], []
+    for i in range(n):  # first fit; N is small and static
+        room = fill + length[:, i, None] <= s                              # (B, R)
+        r = jnp.argmax(room, axis=-1)
+        ok = room.any(-1) & (length[:, i] > 0)
+        take = jnp.where(ok, length[:, i], 0)
+        offset.append(jnp.take_along_axis(fill, r[:, None], axis=1)[:, 0])
+        fill = fill + jax.nn.one_hot(r, rows, dtype=jnp.int32) * take[:, None]
+        row.append(r)
+        placed.append(ok)
+    row, offset, placed = (jnp.stack(a, axis=1) for a in (row, offset, placed))  # (B, N)
+    fits = jnp.all(placed | (length == 0))
+    col = jnp.arange(s)
+    inside = placed[..., None] & (col < length[..., None])                 # (B, N, S)
+    dest = jnp.where(inside, (row * s + offset)[..., None] + col, rows * s)
+    seg = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32)[None, :, None], (b, n, s))
+
+    # Per example (vmap: a scatter batched over the examples, which sharding splits cleanly).
+    def scatter(x):
+        one = lambda d, v: jnp.zeros((rows * s,), jnp.int32).at[d.reshape(-1)].set(
+            v.reshape(-1).astype(jnp.int32), mode="drop")
+        return jax.vmap(one)(dest, x).reshape(b, rows, s)
+
+    return PackedCaptions(scatter(ids), scatter(mask & inside).astype(bool), scatter(seg),
+                          dest, fits)
+
+
+def unpack_features(features, packed: PackedCaptions, mask):
+    """Packed-row features (B, R, S, D) -> the padded layout (B, N, S, D); zeros at tokens that
+    were not placed and at padding."""
+    b, r, s, d = features.shape
+    index = jnp.minimum(packed.dest, r * s - 1).reshape(b, -1)
+    out = jax.vmap(lambda f, i: f[i])(features.reshape(b, r * s, d), index)
+    out = out.reshape(packed.dest.shape + (d,))
+    keep = (packed.dest < r * s) & jnp.asarray(mask).astype(bool)
+    return jnp.where(keep[..., None], out, 0.0).astype(features.dtype)
