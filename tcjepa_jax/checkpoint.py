@@ -15,7 +15,6 @@ training on without checkpoints (docs/reliability.md).
 """
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -24,6 +23,7 @@ import time
 
 import grain
 import jax
+from absl import logging
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies

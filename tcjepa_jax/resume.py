@@ -16,11 +16,11 @@ A restart must neither silently start over nor silently change the experiment
 """
 
 import json
-import logging
 import os
 from typing import Any, Callable, NamedTuple
 
 import jax
+from absl import logging
 
 from tcjepa_jax import checkpoint as ckpt_lib
 from tcjepa_jax.config_lib import UserError
