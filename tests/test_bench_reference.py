@@ -30,6 +30,7 @@ def run_benchmark(*flags):
     return proc.stdout
 
 
+@pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow
 def test_ours_only_without_a_checkout():
     out = run_benchmark()
     assert "reference skipped: no --ijepa_dir" in out

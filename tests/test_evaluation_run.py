@@ -59,6 +59,7 @@ def test_periodic_and_final_evaluations_and_the_evaluate_command(tokenizer_path,
         evaluation.evaluate_checkpoint(workdir, step=2)
 
 
+@pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow
 def test_collapse_warning_fires_on_a_forced_collapse_only(tokenizer_path, tmp_path,
                                                           monkeypatch):
     """Without EMA (the target is the online encoder) and with a huge learning rate and

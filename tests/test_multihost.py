@@ -66,6 +66,7 @@ def tokenizer_path(tmp_path_factory):
     return test_train.tokenizer_path.__wrapped__(tmp_path_factory)
 
 
+@pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow
 def test_two_hosts_match_one_host(tokenizer_path, tmp_path):
     config = test_train.tiny_config(tokenizer_path)
     reference_dir = str(tmp_path / "one_host")

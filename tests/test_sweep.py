@@ -79,6 +79,7 @@ def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, capsys, points, m
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow
 def test_local_sweep_runs_to_the_end_and_a_rerun_starts_nothing(tmp_path, capsys, monkeypatch):
     # The runs share one XLA cache: they differ only in the seed, which is not in the program.
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))
