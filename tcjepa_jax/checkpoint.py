@@ -141,9 +141,6 @@ class Checkpointer:
             states[(int(index), int(count))] = json.loads(f.read_text())
         return states
 
-    def restore_state_only(self, step: int, abstract_state):
-        return self.restore(step, abstract_state)
-
     def restore_items(self, step: int, abstract_items: dict) -> dict:
         """Only some items of the saved train state, e.g. {"ema_params": abstract tree}: the rest
         (optimizer state, the other encoder) is never read."""

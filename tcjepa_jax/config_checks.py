@@ -148,7 +148,25 @@ def _check_probe_data(config, get) -> None:
     if "knn" in names and k > num_train:
         _fail(f"probe.knn_k={k} is more than probe.num_train={num_train} (the kNN evaluator's "
               f"neighbours are probe-training images); set probe.knn_k <= {num_train}.")
-    if (get("probe.source", "") or get("input.source")) == "synthetic":
+    source = get("probe.source", "") or get("input.source")
+    mask_key = get("probe.segmentation_key", "")
+    if mask_key and source != "tfds":
+        _fail(f"probe.segmentation_key={mask_key!r} names a TFDS feature, but the probe source is "
+              f"{source!r}; set probe.source='tfds' (with probe.tfds_name) or "
+              "probe.segmentation_key=''.")
+    if source != "synthetic":
+        if "dense" in names and not mask_key:
+            _fail(f"the dense evaluator needs per-pixel labels, which probe source {source!r} has "
+                  "not: for a TFDS segmentation set, set probe.segmentation_key to its mask "
+                  "feature; otherwise remove 'dense' from probe.evaluators (or set "
+                  "probe.enabled=False).")
+        image_level = [n for n in names if n != "dense"]
+        if image_level and not (get("probe.label_key", "") or get("input.label_key", "")
+                                or source == "array_record"):
+            _fail(f"the evaluators {image_level} need image labels: set probe.label_key for probe "
+                  f"source {source!r}, keep only 'dense' in probe.evaluators (with "
+                  "probe.segmentation_key), or set probe.enabled=False.")
+    if source == "synthetic":
         images = get("input.synthetic_size", 1_000_000)
         for field in ("probe.num_train", "probe.num_test"):
             if get(field) > images:

@@ -4,7 +4,6 @@ import os
 import sys
 
 from tcjepa_jax import config_checks, config_fields
-from tcjepa_jax.data.sources import available_sources
 
 # configs/ is installed next to tcjepa_jax/ (see setup.py), so this holds after any install.
 DEFAULT_CONFIG = os.path.join(
@@ -71,54 +70,10 @@ def parse_flags(argv):
         _config_flag_error(e)
 
 
-def _check(condition: bool, message: str):
-    if not condition:
-        raise ValueError(message)
-
-
 def validate_config(config) -> None:
     """Every field of configs/common.py (config_fields.FIELDS: names, types, ranges, choices),
-    then the probe settings and the fields against each other; a ValueError that names the field
+    then the fields against each other (config_checks.check_combinations); a ValueError that names the field
     and says what to change. Needs no devices: experiment.setup checks the mesh and the batch
     against them afterwards (config_checks.check_devices)."""
     config_fields.check_fields(config)
-    _check_probe(config)
     config_checks.check_combinations(config)
-
-
-def _check_probe(config) -> None:
-    if not config.probe.enabled:
-        return
-    from tcjepa_jax.evaluators import available_evaluators
-    names = tuple(config.probe.get("evaluators", ("linear",)))
-    for name in names:
-        _check(name in available_evaluators(),
-               f"probe.evaluators has {name!r}; choose from {available_evaluators()}.")
-    _check(config.probe.get("encoder", "target") in ("target", "context"),
-           f"probe.encoder={config.probe.get('encoder')!r}; choose 'target' or 'context'.")
-    _check(config.probe.get("every", 0) >= 0, "probe.every must be >= 0 (0: only at the end).")
-    source = config.probe.get("source", "") or config.input.source
-    _check(source in available_sources(),
-           f"probe.source={source!r}; choose one of {available_sources()}.")
-    mask_key = config.probe.get("segmentation_key", "")
-    _check(isinstance(mask_key, str), f"probe.segmentation_key={mask_key!r} must be a string.")
-    ignore = config.probe.get("segmentation_ignore", 255)
-    _check(isinstance(ignore, int) and not isinstance(ignore, bool),
-           f"probe.segmentation_ignore={ignore!r} must be an integer class (the mask value whose "
-           "pixels the dense probe leaves out; one that never occurs, e.g. 255, leaves none out).")
-    _check(not mask_key or source == "tfds",
-           f"probe.segmentation_key={mask_key!r} names a TFDS feature, but the probe source is "
-           f"{source!r}; set probe.source='tfds' (with probe.tfds_name) or "
-           "probe.segmentation_key=''.")
-    if source != "synthetic":
-        _check("dense" not in names or bool(mask_key),
-               f"the dense evaluator needs per-pixel labels, which probe source {source!r} has "
-               "not: for a TFDS segmentation set, set probe.segmentation_key to its mask feature; "
-               "otherwise remove 'dense' from probe.evaluators (or set probe.enabled=False).")
-        image_level = [n for n in names if n != "dense"]
-        _check(not image_level or bool(config.probe.get("label_key", "")
-                                       or config.input.get("label_key", "")
-                                       or source == "array_record"),
-               f"the evaluators {image_level} need image labels: set probe.label_key for probe "
-               f"source {source!r}, keep only 'dense' in probe.evaluators (with "
-               "probe.segmentation_key), or set probe.enabled=False.")

@@ -196,7 +196,7 @@ def trained(tokenizer_path, tmp_path_factory):
         signal.signal(signal.SIGTERM, handler)  # train installs its own
     setup = test_train.Setup(config)
     checkpointer = ckpt_lib.Checkpointer(workdir, config)
-    state = jax.device_get(checkpointer.restore_state_only(test_train.TOTAL_STEPS,
+    state = jax.device_get(checkpointer.restore(test_train.TOTAL_STEPS,
                                                            setup.abstract_state()))
     checkpointer.close()
     return config, workdir, state

@@ -92,7 +92,7 @@ def test_two_hosts_match_one_host(tokenizer_path, tmp_path):
     for directory in (reference_dir, workdir):
         checkpointer = ckpt_lib.Checkpointer(directory, config)
         assert checkpointer.latest_step() == test_train.TOTAL_STEPS
-        states.append(jax.device_get(checkpointer.restore_state_only(
+        states.append(jax.device_get(checkpointer.restore(
             test_train.TOTAL_STEPS, setup.abstract_state())))
         checkpointer.close()
     for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(states[0]),

@@ -75,7 +75,7 @@ def _checkpoints(config, workdir):
     try:
         setup = test_train.Setup(config)
         steps = sorted(checkpointer.manager.all_steps())
-        return steps, jax.device_get(checkpointer.restore_state_only(
+        return steps, jax.device_get(checkpointer.restore(
             steps[-1], setup.abstract_state()))
     finally:
         checkpointer.close()

@@ -267,7 +267,7 @@ def _restore(setup, workdir, step):
     checkpointer = ckpt_lib.Checkpointer(workdir, setup.config)
     try:
         assert checkpointer.latest_step() == step
-        return jax.device_get(checkpointer.restore_state_only(step, setup.abstract_state()))
+        return jax.device_get(checkpointer.restore(step, setup.abstract_state()))
     finally:
         checkpointer.close()
 
