@@ -352,7 +352,11 @@ def test_retention_keeps_the_last_n_and_every_mth(tmp_path):
     checkpointer.close()
 
 
-def test_failed_save_stops_with_a_clear_message(tmp_path):
+def test_failed_save_stops_with_a_clear_message(tmp_path, monkeypatch):
+    # Orbax waits for the lost "directory created" signal for its coordination timeout (300 s)
+    # before the save fails; a run pays that once, the test need not.
+    from orbax.checkpoint._src.multihost import multihost
+    monkeypatch.setattr(multihost, "_DEFAULT_BARRIER_TIMEOUT", 5)
     checkpointer, config = _tiny_checkpointer(tmp_path)
     data = iter(grain.MapDataset.range(100).to_iter_dataset())
     checkpointer.save(1, {"w": np.zeros(3, np.float32)}, data, config)
