@@ -3,7 +3,7 @@
     python benchmarks/step.py [--config=configs/synthetic_tiny.py] [--config.KEY=VALUE]
         [--repeats=5] [--steps=10] [--nobreakdown] [--nocompare] [--json=FILE]
     python benchmarks/step.py --paper [--paper_configs=configs/in1k_vit_b16.py,...]
-        [--paper_batch=32] [--paper_uncapped]
+        [--paper_batch=32] [--paper_uncapped] [--paper_set=model.KEY=VALUE,...]
 
 Three sections:
 
@@ -33,6 +33,7 @@ Everything here runs with the layers unrolled and one micro-batch (XLA counts a 
 once; see tcjepa_jax/flops.py), whatever model.scan_layers and grad_accum say.
 """
 
+import ast
 import copy
 import importlib.util
 import json
@@ -70,6 +71,9 @@ _PAPER_BATCH = flags.DEFINE_integer("paper_batch", 32, "--paper: images per devi
 _PAPER_UNCAPPED = flags.DEFINE_bool(
     "paper_uncapped", False, "--paper: also each config with masks.max_context = max_target = 0 "
     "(the exact slot bounds).")
+_PAPER_SET = flags.DEFINE_list(
+    "paper_set", [], "--paper: KEY=VALUE overrides of every paper config (TC-JEPA and I-JEPA "
+    "alike), e.g. model.cond_mlp=after_pool,model.text_features=precomputed.")
 _JSON = flags.DEFINE_string("json", None, "Also write every table's numbers to this JSON file.")
 
 # Rows of the text embedding table when a config leaves it to the tokenizer and no tokenizer is
@@ -225,8 +229,8 @@ def paper_flops(config, batch: int, vocab: int = 0) -> dict:
 def variant_text(config) -> str:
     """The model options that change the step's work, where the config has them."""
     model = config.model
-    out = [f"{key} {model[key]}" for key in ("cond_mlp", "cond_attention", "text_pack_rows")
-           if key in model]
+    out = [f"{key} {model[key]}" for key in ("cond_mlp", "cond_pool", "cond_attention",
+                                             "text_pack_rows", "text_features") if key in model]
     return ", ".join(out)
 
 
@@ -262,10 +266,32 @@ def print_paper(tc: dict, ij: dict) -> None:
     line("whole train step", "all", tc["whole"]["flops"], ij["whole"]["flops"])
 
 
-def paper_tables(specs: list, batch: int, uncapped: bool) -> list:
+def override(config, assignments: list):
+    """A copy with KEY=VALUE assignments (values as Python literals, else strings)."""
+    config = copy.deepcopy(config)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep:
+            raise ValueError(f"--paper_set: {assignment!r} is not KEY=VALUE")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        if name not in node:
+            raise ValueError(f"--paper_set: the config has no field {key!r}")
+        with config.unlocked():
+            node[name] = value
+    return config
+
+
+def paper_tables(specs: list, batch: int, uncapped: bool, assignments: list = ()) -> list:
     out = []
     for spec in specs:
-        config = load_config(spec)
+        config = override(load_config(spec), list(assignments))
         variants = [config]
         if uncapped:
             exact = copy.deepcopy(config)
@@ -365,7 +391,7 @@ def main(argv):
         report["compare"] = compare(config, _STEPS.value)
     if _PAPER.value:
         report["paper"] = paper_tables(_PAPER_CONFIGS.value, _PAPER_BATCH.value,
-                                       _PAPER_UNCAPPED.value)
+                                       _PAPER_UNCAPPED.value, _PAPER_SET.value)
     if run_breakdown or _PAPER.value:
         print_notes()
     if _JSON.value:

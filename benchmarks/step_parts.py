@@ -37,15 +37,17 @@ PART_NOTES = {
                        "blocks, final LN; backward to its parameters (not to the image)",
     "text encoder": "step.text_features: the T5 encoder on every caption slot (N x S tokens "
                     "per image; with model.text_pack_rows on the packed rows, plus the packing "
-                    "and unpacking); backward only with model.text_trainable",
+                    "and unpacking); backward only with model.text_trainable; absent with "
+                    "model.text_features=precomputed",
     "predictor": "the predictor with conditioning 'none' and the step's parameters: input "
                  "Dense + position embedding, mask tokens, the K-fold repeat, every "
                  "self-attention/MLP block, final LN and output Dense; backward to its parameters "
                  "and to the context encoder's output",
     "text conditioner": "every conditioned layer's TextConditioner (with the model's "
-                        "cond_mlp / cond_attention variant), chained: LN, q/k/v "
+                        "cond_mlp / cond_pool / cond_attention variant), chained: LN, q/k/v "
                         "projections (k/v of the text per layer), cross-attention per caption, "
-                        "out projection + MLP per caption, max-pool, and the O map; backward to "
+                        "out projection + MLP per caption (by default), max-pool, and the O "
+                        "map; backward to "
                         "its parameters, its token input (and the text if trainable) through "
                         "both its output and O",
     "loss + penalties": "prediction loss, L_sparse, L_consistency and the O statistics; "
@@ -131,8 +133,9 @@ def make_parts(models: step_lib.Models, config, tx, params, ema_params, opt_stat
 
     # Text encoder: forward; forward and backward when trained. Through step.text_features,
     # so whatever the step does with the captions (model.text_pack_rows) is what is counted.
+    # None with model.text_features="precomputed": the batch brings the features.
     layers = conditioned_layers(config)
-    if models.text is not None:
+    if models.text is not None and not getattr(models, "text_precomputed", False):
         text_kwargs = {}
         if "pack_rows" in inspect.signature(step_lib.text_features).parameters:
             text_kwargs["pack_rows"] = int(config.model.get("text_pack_rows", 0))
@@ -183,7 +186,7 @@ def make_parts(models: step_lib.Models, config, tx, params, ema_params, opt_stat
         mode = "caption" if config.model.conditioning == "caption" else "words"
         # As Predictor._layers builds them (the variant options only where the model has them).
         variant = {field: getattr(models.predictor, attr) for attr, field in
-                   (("cond_mlp", "mlp"), ("cond_attention", "attention"))
+                   (("cond_mlp", "mlp"), ("cond_attention", "attention"), ("cond_pool", "pool"))
                    if hasattr(models.predictor, attr)}
         cond = remat_lib(TextConditioner, config.model.remat)(
             models.predictor.num_heads, models.predictor.cond_mlp_ratio, mode, dtype=dtype,

@@ -70,12 +70,20 @@ def get_base_config() -> ml_collections.ConfigDict:
     # A record without usable captions is skipped and counted (True) or trains unconditioned
     # (False). Ignored in I-JEPA mode, which reads no text.
     config.input.skip_uncaptioned = True
+    # own | shuffled: the control run, each image conditioned on the captions of another image
+    # of its batch (caption_control.py). Ignored in I-JEPA mode.
+    config.input.caption_control = "own"
     config.input.image_size = 224
     config.input.crop_scale = (0.3, 1.0)
     config.input.num_captions = 8       # N captions sampled per image per step
     config.input.max_caption_len = 64   # S tokens per caption
     config.input.synthetic_size = 1_000_000
     config.input.seed = 0               # the synthetic dataset itself; config.seed drives training
+    # Objects per synthetic scene, drawn uniformly in [min, max]: the scenes' difficulty (the
+    # shape probe reads the largest object, harder to pick out among more objects).
+    config.input.min_objects = 1
+    config.input.max_objects = 4
+    config.input.object_scale = 1.0     # object radii, relative to the default sizes
     # Decoding and transforms run in this many Grain worker processes (0: in the training
     # process), each with num_threads reader threads; prefetch is in batches.
     config.input.workers = 0
@@ -124,6 +132,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     # rounding): shared (one product of the queries with all captions' words, softmax per
     # caption) | broadcast (the queries copied once per caption). docs/method.md, section 9.
     config.model.cond_attention = "shared"
+    # What the max over captions pools: outputs (each caption's token after the out-projection,
+    # the paper's reading) | attention (the per-caption attention outputs, then one
+    # out-projection per token: N times less projection work; another model; needs
+    # cond_mlp="after_pool"). docs/method.md, section 9.
+    config.model.cond_pool = "outputs"
     config.model.text = "base"          # T5_SIZES name
     # A pretrained T5 v1.1 encoder, a Hugging Face folder (config.json, model.safetensors or
     # pytorch_model.bin, spiece.model; docs/method.md): its weights replace the random init, its
@@ -135,15 +148,32 @@ def get_base_config() -> ml_collections.ConfigDict:
     # a batch whose captions do not fit runs padded). 0, or >= input.num_captions: off.
     # docs/method.md, section 9.
     config.model.text_pack_rows = 0
+    # Where the frozen T5's word features come from: compute (T5 runs in every step) |
+    # precomputed (read from the records: shards written by make_dataset --text_checkpoint with
+    # model.text_checkpoint's T5, model.text and input.max_caption_len, which the run checks;
+    # no T5 in the step or the train state). docs/method.md, section 9; docs/data.md.
+    config.model.text_features = "compute"
     # Rows of the text embedding table; 0 = the tokenizer's size. A pretrained T5 has 32128.
     config.model.text_vocab_size = 0
     config.model.dtype = "bfloat16"     # compute dtype; parameters stay float32
+    # The ViT's and the predictor's self-attention, the same function every way: auto (einsum
+    # on CPU, cuDNN flash attention on GPU, the Pallas splash kernel on TPU where it needs no
+    # padding, else xla) | einsum | xla (jax.nn.dot_product_attention) | cudnn | splash (that
+    # kernel where it applies, xla elsewhere). models/attention.py, docs/performance.md.
+    config.model.attention = "auto"
 
     # ---- Loss (docs/method.md) ------------------------------------------------------------
     config.loss = ml_collections.ConfigDict()
     config.loss.pred = "smooth_l1"      # smooth_l1 (I-JEPA code) | l2 (per-patch L2 norm, paper)
     config.loss.sparse_weight = 0.1     # lambda
     config.loss.consistency_weight = 0.5  # beta
+    # The map lambda and beta act on (models/penalties.py, docs/method.md section 8): cosine
+    # (the paper's rectified cosine; dies once every cosine is negative) | standardized (the
+    # cosines standardised over the caption's words) | attention (the attention's entropy).
+    config.loss.penalty = "cosine"
+    # LayerNorm eps of the targets; the I-JEPA reference's F.layer_norm default (its encoder and
+    # predictor use 1e-6, as here).
+    config.loss.target_norm_eps = 1e-5
 
     # ---- Optimisation (docs/method.md) ----------------------------------------------------
     config.optim = ml_collections.ConfigDict()
@@ -192,7 +222,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.probe = ml_collections.ConfigDict()
     config.probe.enabled = True
     # Files of tcjepa_jax/evaluators/: linear | knn | dense | attentive (dense needs per-pixel
-    # labels: the synthetic scenes, or a TFDS set with probe.segmentation_key).
+    # labels: the synthetic scenes, or a TFDS set with probe.segmentation_key) | grounding
+    # (the synthetic scenes only).
     config.probe.evaluators = ("linear", "knn", "dense", "attentive")
     config.probe.every = 0
     config.probe.encoder = "target"     # target (EMA) | context
@@ -221,6 +252,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.probe.dense_images = 500     # images whose patches train the dense probe
     config.probe.attentive_steps = 200
     config.probe.attentive_lr = 1e-3
+    # grounding (synthetic scenes, conditioned runs): held-out scenes whose patches' attention
+    # to the words naming their object is measured (docs/evaluation.md).
+    config.probe.grounding_images = 200
     return config
 
 

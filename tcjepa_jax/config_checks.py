@@ -64,6 +64,10 @@ def check_combinations(config) -> None:
         _fail(f"profile.first_step={first} with profile.num_steps={num}: steps run from 1 to "
               f"total_steps={total}, so no trace would be written; set profile.first_step in "
               "[1, total_steps] (or profile.num_steps=0).")
+    lo, hi = get("input.min_objects", 1), get("input.max_objects", 4)
+    if lo > hi:
+        _fail(f"input.min_objects={lo} is above input.max_objects={hi}; set "
+              "input.min_objects <= input.max_objects.")
     init_step, predictor = get("init_from.step", 0), get("init_from.predictor", False)
     if (init_step or predictor) and not get("init_from.workdir", ""):
         _fail(f"init_from.step={init_step}, init_from.predictor={predictor} but init_from.workdir "
@@ -78,6 +82,12 @@ def _check_text(config, get) -> None:
     conditioning = get("model.conditioning")
     if conditioning == "none":
         return
+    mlp = get("model.cond_mlp", "per_caption")
+    if get("model.cond_pool", "outputs") == "attention" and mlp != "after_pool":
+        _fail(f"model.cond_pool='attention' max-pools the captions' attention outputs before the "
+              f"out-projection, so no per-caption token is left for model.cond_mlp={mlp!r}; set "
+              "model.cond_mlp='after_pool' (the MLP once on the pooled token), or "
+              "model.cond_pool='outputs'.")
     if get("input.source") == "tfds" and not (get("input.caption_key", "")
                                               or get("input.caption_file", "")):
         _fail(f"model.conditioning={conditioning!r} needs captions, but TFDS dataset "
@@ -91,6 +101,30 @@ def _check_text(config, get) -> None:
             _fail(f"model.text_checkpoint={checkpoint!r} brings its own tokenizer ({spiece}), "
                   f"but tokenizer.model_path={model_path!r} names another; set "
                   "tokenizer.model_path=\"\" (a T5 reads only the ids of its own tokenizer).")
+    if get("model.text_features", "compute") == "precomputed":
+        _check_precomputed_text(get)
+
+
+def _check_precomputed_text(get) -> None:
+    """What precomputed features (data/text_features.py) need: the records that carry them,
+    their own captions, and the name of the T5 that made them (checked against the data)."""
+    why = ("model.text_features='precomputed' reads the T5 features make_dataset "
+           "--text_checkpoint stored with the records")
+    other = "or set model.text_features='compute' (T5 in the step)."
+    if get("input.source") != "array_record":
+        _fail(f"{why}, but input.source={get('input.source')!r} has none: use "
+              f"input.source='array_record' with shards written that way (docs/data.md), {other}")
+    if get("input.caption_file", ""):
+        _fail(f"{why}, which are the features of the records' own captions, but "
+              f"input.caption_file={get('input.caption_file')!r} replaces those: set "
+              f"input.caption_file='' (write the shards with that caption file instead), {other}")
+    if not get("model.text_checkpoint", ""):
+        _fail(f"{why}, and the run checks that they come from this config's T5: set "
+              "model.text_checkpoint to the folder given to make_dataset --text_checkpoint (or "
+              f"a copy of it), {other}")
+    if get("model.text_trainable", False):
+        _fail(f"{why}: features of a frozen T5, but model.text_trainable=True trains it; set "
+              f"model.text_trainable=False, {other}")
 
 
 def _check_grid_and_masks(config, get) -> None:
@@ -154,6 +188,10 @@ def _check_probe_data(config, get) -> None:
         _fail(f"probe.segmentation_key={mask_key!r} names a TFDS feature, but the probe source is "
               f"{source!r}; set probe.source='tfds' (with probe.tfds_name) or "
               "probe.segmentation_key=''.")
+    if source != "synthetic" and "grounding" in names:
+        _fail(f"the grounding evaluator needs the synthetic scenes (which know what each patch "
+              f"shows and each word names); probe source is {source!r}: remove 'grounding' "
+              "from probe.evaluators.")
     if source != "synthetic":
         if "dense" in names and not mask_key:
             _fail(f"the dense evaluator needs per-pixel labels, which probe source {source!r} has "

@@ -19,10 +19,14 @@ import math
 import numbers
 from typing import Any, Callable, Optional
 
+from tcjepa_jax.caption_control import CAPTION_CONTROLS
 from tcjepa_jax.data.sources import available_sources
 from tcjepa_jax.data.synthetic import NUM_CLASSES
+from tcjepa_jax.data.text_features import MODES as TEXT_FEATURE_MODES
+from tcjepa_jax.models.attention import ATTENTION_IMPLS
 from tcjepa_jax.models.layers import REMAT_POLICIES
-from tcjepa_jax.models.predictor import COND_ATTENTION, COND_MLP, CONDITIONING
+from tcjepa_jax.models.penalties import PENALTIES
+from tcjepa_jax.models.predictor import COND_ATTENTION, COND_MLP, COND_POOL, CONDITIONING
 from tcjepa_jax.models.text import T5_SIZES
 from tcjepa_jax.models.vit import vit_config
 from tcjepa_jax.sharding import BATCH_AXES, MESH_AXES
@@ -117,6 +121,7 @@ FIELDS = {
     "input.label_key": _STR,
     "input.caption_file": _STR,
     "input.skip_uncaptioned": _BOOL,
+    "input.caption_control": _choice(CAPTION_CONTROLS),
     "input.image_size": _int(1, hint="pixels, a multiple of the encoder's patch size"),
     "input.crop_scale": _FRACTION,
     "input.num_captions": _int(1),
@@ -124,6 +129,9 @@ FIELDS = {
                                           "end-of-sequence id"),
     "input.synthetic_size": _int(1),
     "input.seed": _SEED,
+    "input.min_objects": _int(1, 9),
+    "input.max_objects": _int(1, 9),
+    "input.object_scale": _num(0.25, 2.5),
     "input.workers": _int(0, hint="0 decodes in the training process"),
     "input.num_threads": _int(0),
     "input.prefetch": _int(0),
@@ -148,15 +156,21 @@ FIELDS = {
     "model.cond_mlp_ratio": _num(0, open_low=True),
     "model.cond_mlp": _choice(COND_MLP),
     "model.cond_attention": _choice(COND_ATTENTION),
+    "model.cond_pool": _choice(COND_POOL, hint="attention needs model.cond_mlp='after_pool'"),
     "model.text_pack_rows": _int(0, hint="rows of packed captions per image; 0: off"),
+    "model.text_features": _choice(TEXT_FEATURE_MODES, hint="precomputed reads the T5 features "
+                                   "make_dataset --text_checkpoint stored with the records"),
     "model.text": _choice(tuple(T5_SIZES)),
     "model.text_checkpoint": _STR,
     "model.text_trainable": _BOOL,
     "model.text_vocab_size": _int(0, hint="0 takes the tokenizer's size"),
     "model.dtype": _choice(DTYPES),
+    "model.attention": _choice(ATTENTION_IMPLS),
     "loss.pred": _choice(("smooth_l1", "l2")),
     "loss.sparse_weight": _num(0),
     "loss.consistency_weight": _num(0),
+    "loss.penalty": _choice(PENALTIES),
+    "loss.target_norm_eps": _num(0, open_low=True),
     "optim.lr_start": _num(0),
     "optim.lr_peak": _num(0, open_low=True),
     "optim.lr_end": _num(0),
@@ -194,6 +208,7 @@ FIELDS = {
     "probe.dense_images": _int(1),
     "probe.attentive_steps": _int(1),
     "probe.attentive_lr": _num(0, open_low=True),
+    "probe.grounding_images": _int(1),
 }
 SECTIONS = sorted({name.rsplit(".", 1)[0] for name in FIELDS if "." in name})
 

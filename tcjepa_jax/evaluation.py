@@ -8,7 +8,10 @@
 Results are logged as eval/<evaluator>/<task> to TensorBoard and written to
 workdir/evals/step_<N>.json. At the end of training (and in `python -m tcjepa_jax.evaluate`)
 the same evaluators also run on the encoder at initialisation, logged as eval_init/..., so a
-number can be read against what a random encoder of the same shape gives.
+number can be read against what a random encoder of the same shape gives. Evaluators that read
+the trained model rather than the encoder's features (evaluators/__init__.py: grounding) get
+host copies of all trained parameters (at init: the initial ones, a frozen text encoder's as
+trained, since it does not change).
 
 During training the evaluation runs on process 0 in a background thread, so the training
 loop (and the other hosts, which never wait for process 0's evaluation) goes on; the encoder's
@@ -44,6 +47,15 @@ def encoder_params(state, config):
     return state.ema_params if which == "target" else state.params["encoder"]
 
 
+def model_params(state, config):
+    """Host copies of all trained parameters when a configured evaluator reads the model,
+    else None; every process must call it (as to_host)."""
+    if not config.probe.enabled or not any(
+            evaluators.reads_model(name) for name in config.probe.get("evaluators", ())):
+        return None
+    return to_host(state.params)
+
+
 def to_host(tree):
     """A parameter tree as host numpy arrays; every process must call it (FSDP shards may
     live on other hosts)."""
@@ -63,6 +75,7 @@ class EvalData:
         skip = config.probe.num_train if _features.eval_input(config).source == "array_record" else 0
         self.test = _features.load_split(config, config.probe.get("test_split", "test"),
                                          config.probe.num_test, skip=skip)
+        self.cache = {}  # the model evaluators' own held-out data and programs
 
     def features(self, encoder, params) -> _features.Features:
         size = self.config.probe.batch_size
@@ -71,12 +84,20 @@ class EvalData:
                                   encoder.patch_size)
 
 
-def run_evaluators(config, encoder, params, data: EvalData, prefix: str = "eval") -> dict:
-    """{f"{prefix}/{evaluator}/{key}": value} of every configured evaluator."""
-    features = data.features(encoder, params)
-    results = {}
+def run_evaluators(config, encoder, params, data: EvalData, prefix: str = "eval",
+                   model: evaluators.Model = None) -> dict:
+    """{f"{prefix}/{evaluator}/{key}": value} of every configured evaluator; those that read
+    the model are skipped without one."""
+    features, results = None, {}
     for name in config.probe.get("evaluators", ("linear",)):
-        for key, value in evaluators.get(name).evaluate(features, config).items():
+        module = evaluators.get(name)
+        if hasattr(module, "evaluate_model"):
+            found = module.evaluate_model(model, config) if model is not None else {}
+        else:
+            if features is None:
+                features = data.features(encoder, params)
+            found = module.evaluate(features, config)
+        for key, value in found.items():
             results[f"{prefix}/{name}/{key}"] = float(value)
     return results
 
@@ -87,13 +108,26 @@ def write_results(workdir: str, step: int, results: dict):
                          json.dumps({"step": step, **results}, indent=2, sort_keys=True))
 
 
-def final_evaluation(config, workdir: str, models, params, step: int) -> dict:
-    """The evaluators on `params` and on the same encoder at initialisation."""
+def final_evaluation(config, workdir: str, models, params, step: int, trained=None,
+                     tokenizer=None) -> dict:
+    """The evaluators on `params` and on the same encoder at initialisation; `trained`
+    (model_params) and `tokenizer` serve the evaluators that read the model."""
     data = EvalData(config)
     rng = step_lib.init_rng(config)
-    init = jax.jit(lambda: nn.unbox(step_lib.init_params(models, config, rng))["encoder"])()
-    results = run_evaluators(config, models.encoder, params, data)
-    results.update(run_evaluators(config, models.encoder, init, data, prefix="eval_init"))
+    model = init_model = None
+    if trained is None:
+        init = jax.jit(lambda: nn.unbox(step_lib.init_params(models, config, rng))["encoder"])()
+    else:
+        init_all = jax.device_get(jax.jit(
+            lambda: nn.unbox(step_lib.init_params(models, config, rng)))())
+        init = init_all["encoder"]
+        if "text" in trained and not config.model.text_trainable:
+            init_all["text"] = trained["text"]  # frozen: at init it is what it is now
+        model = evaluators.Model(models, trained, tokenizer, data.cache)
+        init_model = evaluators.Model(models, init_all, tokenizer, data.cache)
+    results = run_evaluators(config, models.encoder, params, data, model=model)
+    results.update(run_evaluators(config, models.encoder, init, data, prefix="eval_init",
+                                  model=init_model))
     log_table(results)
     write_results(workdir, step, results)
     return results
@@ -110,9 +144,10 @@ class PeriodicEvaluator:
     """Every config.probe.every steps: copy the encoder to the host (all processes), then
     evaluate it on process 0 in a background thread; results go to `writer` and the workdir."""
 
-    def __init__(self, config, workdir: str, models, writer):
+    def __init__(self, config, workdir: str, models, writer, tokenizer=None):
         self.every = int(config.probe.get("every", 0)) if config.probe.enabled else 0
         self.config, self.workdir, self.models, self.writer = config, workdir, models, writer
+        self.tokenizer = tokenizer
         self.lead = jax.process_index() == 0
         self._pool = concurrent.futures.ThreadPoolExecutor(1) if self.every and self.lead else None
         self._pending = None
@@ -122,19 +157,23 @@ class PeriodicEvaluator:
         if not self.every or step % self.every or step == self.config.total_steps:
             return  # the last step's evaluation is final_evaluation's
         params = to_host(encoder_params(state, self.config))
+        trained = model_params(state, self.config)
         if not self.lead:
             return
         if self._pending is not None and not self._pending.done():
             logging.warning("Step %d: the evaluation of an earlier step is still running; "
                             "skipping this one (raise probe.every).", step)
             return
-        self._pending = self._pool.submit(self._evaluate, step, params)
+        self._pending = self._pool.submit(self._evaluate, step, params, trained)
 
-    def _evaluate(self, step: int, params):
+    def _evaluate(self, step: int, params, trained):
         try:
             if self._data is None:
                 self._data = EvalData(self.config)
-            results = run_evaluators(self.config, self.models.encoder, params, self._data)
+            model = None if trained is None else evaluators.Model(
+                self.models, trained, self.tokenizer, self._data.cache)
+            results = run_evaluators(self.config, self.models.encoder, params, self._data,
+                                     model=model)
             write_results(self.workdir, step, results)
             self.writer.write(step, results)  # tensorboardX queues events: thread-safe
             logging.info("step %d evaluation: %s", step, ", ".join(
@@ -150,15 +189,17 @@ class PeriodicEvaluator:
 
 # ---- From a checkpoint (python -m tcjepa_jax.evaluate) -----------------------------------
 
-def restore_encoder(workdir: str, step=None, encoder=None):
-    """(config, models, step, encoder parameters) of a run's checkpoint."""
+def restore_encoder(workdir: str, step=None, encoder=None, with_model: bool = False):
+    """(config, models, step, encoder parameters) of a run's checkpoint; `with_model` appends
+    (all trained parameters, tokenizer) when a configured evaluator reads the model, else
+    (None, None)."""
     checkpointer = ckpt_lib.Checkpointer(workdir, ml_collections.ConfigDict(
         {"checkpoint_every": 1, "keep_checkpoints": None}))
     step = ckpt_lib.existing_step(checkpointer.manager, checkpointer.directory, step)
     config = ml_collections.ConfigDict(checkpointer.restore_config(step))
     if encoder:
         config.probe.encoder = encoder
-    mesh, _, models, _ = setup(config, workdir, with_data=False)
+    mesh, tokenizer, models, _ = setup(config, workdir, with_data=False)
     tx = optim.make_optimizer(config)
     shardings = step_lib.state_shardings(models, config, tx, mesh)
     abstract = ckpt_lib.abstract_like(jax.eval_shape(
@@ -168,12 +209,19 @@ def restore_encoder(workdir: str, step=None, encoder=None):
     else:
         params = checkpointer.restore_items(
             step, {"params": {"encoder": abstract.params["encoder"]}})["params"]["encoder"]
+    trained = None
+    if with_model and any(evaluators.reads_model(n) for n in config.probe.get("evaluators", ())):
+        trained = jax.device_get(
+            checkpointer.restore_items(step, {"params": abstract.params})["params"])
     checkpointer.close()
+    if with_model:
+        return config, models, step, params, (trained, None if trained is None else tokenizer)
     return config, models, step, params
 
 
 def evaluate_checkpoint(workdir: str, step=None, encoder=None) -> dict:
-    config, models, step, params = restore_encoder(workdir, step, encoder)
+    config, models, step, params, (trained, tokenizer) = restore_encoder(
+        workdir, step, encoder, with_model=True)
     if not config.probe.get("evaluators"):
         raise UserError("config.probe.evaluators is empty: nothing to evaluate.")
-    return final_evaluation(config, workdir, models, params, step)
+    return final_evaluation(config, workdir, models, params, step, trained, tokenizer)

@@ -15,6 +15,7 @@ from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
 from tcjepa_jax.config_lib import UserError, validate_config
 from tcjepa_jax.data import pipeline
+from tcjepa_jax.data import text_features
 from tcjepa_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from tcjepa_jax.models import t5_checkpoint
 
@@ -53,6 +54,8 @@ def setup(config, workdir: str, with_data: bool = True) -> Experiment:
             tokenizer, vocab = t5_checkpoint.check_checkpoint(
                 config.model.text_checkpoint, config.model.text,
                 int(config.model.get("text_vocab_size", 0)))
+            if with_data and text_features.precomputed(config):  # made by this T5 setup?
+                text_features.check_dataset(config)
         elif config.model.conditioning != "none":
             tokenizer = _shared_tokenizer(config, workdir, corpus)
             vocab = text_vocab_size(config, tokenizer)

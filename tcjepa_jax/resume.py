@@ -33,7 +33,7 @@ RESTART_SAFE = (
     "sharding_rules", "grad_accum", "model.remat", "model.scan_layers", "input.workers",
     "input.num_threads", "input.prefetch", "nonfinite", "init_from",
     # Other ways to compute the same step (docs/method.md, section 9).
-    "model.cond_attention", "model.text_pack_rows",
+    "model.cond_attention", "model.text_pack_rows", "model.attention",
 )
 _ABSENT = "<absent>"
 

@@ -2,7 +2,8 @@
 
 Everything here is a pure function of (params, inputs); `train.py` owns the loop, the mesh and
 the I/O. The parameter tree is {"encoder", "predictor", "text"}; "text" exists only when the
-predictor is conditioned on captions, so I-JEPA mode carries no text encoder at all.
+predictor is conditioned on captions and T5 runs in the step, so I-JEPA mode and runs on
+precomputed text features (model.text_features) carry no text encoder at all.
 """
 
 from typing import Any, NamedTuple, Optional
@@ -15,6 +16,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tcjepa_jax import caption_control
 from tcjepa_jax import monitors
 from tcjepa_jax import nonfinite as nonfinite_lib
 from tcjepa_jax import optim
@@ -35,6 +37,7 @@ class Models(NamedTuple):
     text: Optional[T5Encoder]           # None in I-JEPA mode (conditioning == "none")
     grid: tuple                         # patch grid (H, W)
     mask_spec: MaskSpec
+    text_precomputed: bool = False      # model.text_features: T5's output comes in the batch
 
 
 def build_models(config, vocab_size: int) -> Models:
@@ -46,7 +49,10 @@ def build_models(config, vocab_size: int) -> Models:
                          f"{enc['patch_size']} of model.encoder={config.model.encoder!r}.")
     grid = (image_size // enc["patch_size"],) * 2
     scan = bool(config.model.get("scan_layers", False))
-    encoder = VisionTransformer(**enc, dtype=dtype, remat=config.model.remat, scan=scan)
+    # The self-attention kernel is picked per call at trace time (models/attention.py).
+    attention = config.model.get("attention", "auto")
+    encoder = VisionTransformer(**enc, dtype=dtype, remat=config.model.remat, scan=scan,
+                                attention=attention)
     predictor = Predictor(
         enc_width=enc["width"],
         width=config.model.predictor_width,
@@ -56,23 +62,28 @@ def build_models(config, vocab_size: int) -> Models:
         cond_mlp_ratio=config.model.cond_mlp_ratio,
         cond_mlp=config.model.get("cond_mlp", "per_caption"),
         cond_attention=config.model.get("cond_attention", "shared"),
+        cond_pool=config.model.get("cond_pool", "outputs"),
+        penalty=config.loss.get("penalty", "cosine"),
         dtype=dtype,
         remat=config.model.remat,
         scan=scan,
+        attention=attention,
     )
     text = None
     if config.model.conditioning != "none":
         text = T5Encoder(vocab_size=vocab_size, **T5_SIZES[config.model.text], dtype=dtype,
                          scan=scan)
     mask_spec = MaskSpec.from_config(config.masks, grid)
-    return Models(encoder, predictor, text, grid, mask_spec)
+    caption_control.check(config)
+    precomputed = text is not None and config.model.get("text_features") == "precomputed"
+    return Models(encoder, predictor, text, grid, mask_spec, precomputed)
 
 
 def dummy_batch(models: Models, config, batch_size: int = 1) -> dict:
     """A batch of the pipeline's shapes and dtypes (see data/pipeline.py)."""
     size, spec = config.input.image_size, models.mask_spec
     n, s = config.input.num_captions, config.input.max_caption_len
-    return {
+    batch = {
         "image": np.zeros((batch_size, size, size, 3), np.float32),
         "text_ids": np.zeros((batch_size, n, s), np.int32),
         "text_mask": np.ones((batch_size, n, s), bool),
@@ -82,6 +93,9 @@ def dummy_batch(models: Models, config, batch_size: int = 1) -> dict:
         "target_idx": np.zeros((batch_size, spec.num_targets, spec.num_target_slots), np.int32),
         "target_valid": np.ones((batch_size, spec.num_targets, spec.num_target_slots), bool),
     }
+    if models.text_precomputed:  # as stored by make_dataset's default --text_features_dtype
+        batch["text_features"] = np.zeros((batch_size, n, s, models.text.width), jnp.bfloat16)
+    return batch
 
 
 def init_params(models: Models, config, rng) -> dict:
@@ -92,7 +106,7 @@ def init_params(models: Models, config, rng) -> dict:
         rng_enc, batch["image"], batch["context_idx"], batch["context_valid"])["params"]}
     ctx = jnp.zeros(batch["context_idx"].shape + (models.encoder.width,))
     text = _text_features_shape(models, batch)
-    if models.text is not None:
+    if models.text is not None and not models.text_precomputed:
         params["text"] = models.text.init(rng_text, batch["text_ids"], batch["text_mask"])["params"]
     params["predictor"] = models.predictor.init(
         rng_pred, ctx, batch["context_idx"], batch["context_valid"], batch["target_idx"],
@@ -145,7 +159,7 @@ def create_train_state(models: Models, config, tx, shardings: TrainState) -> Tra
     rng, text = init_rng(config), None
     # Read as arguments (not constants) straight into their shardings; skipped under
     # jax.eval_shape (a traced rng), whose shapes are the same either way.
-    if (models.text is not None and config.model.get("text_checkpoint")
+    if ("text" in shardings.params and config.model.get("text_checkpoint")
             and not isinstance(rng, jax.core.Tracer)):
         text = jax.tree.map(
             lambda a, s: jax.make_array_from_callback(a.shape, s, lambda i: a[i]),
@@ -179,11 +193,13 @@ def prediction_loss(pred, target, valid, kind: str):
     return jnp.sum(per_token * valid) / jnp.maximum(valid.sum(), 1.0)
 
 
-def target_features(models: Models, ema_params, images, with_raw: bool = False):
-    """h = LayerNorm_noparams(f̄(full image)), with no gradient (and f̄'s output itself)."""
+def target_features(models: Models, ema_params, images, with_raw: bool = False,
+                    eps: float = 1e-5):
+    """h = LayerNorm_noparams(f̄(full image)), with no gradient (and f̄'s output itself).
+    eps (loss.target_norm_eps): the reference's F.layer_norm default, 1e-5."""
     raw = jax.lax.stop_gradient(models.encoder.apply({"params": ema_params}, images))
     h = raw.astype(jnp.float32)
-    h = (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + 1e-6)
+    h = (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + eps)
     return (h, raw) if with_raw else h
 
 
@@ -201,6 +217,8 @@ def text_features(models: Models, params, batch, trainable: bool, pack_rows: int
     """
     if models.text is None:  # I-JEPA mode: the predictor ignores text; keep the shapes static.
         return _text_features_shape(models, batch)
+    if models.text_precomputed:  # stored by make_dataset (data/text_features.py)
+        return batch["text_features"].astype(jnp.float32)
     text_params = params["text"] if trainable else jax.lax.stop_gradient(params["text"])
     ids, mask = batch["text_ids"], batch["text_mask"]
 
@@ -222,7 +240,8 @@ def text_features(models: Models, params, batch, trainable: bool, pack_rows: int
 
 
 def loss_fn(params, ema_params, batch, models: Models, config):
-    h, raw_target = target_features(models, ema_params, batch["image"], with_raw=True)
+    h, raw_target = target_features(models, ema_params, batch["image"], with_raw=True,
+                                    eps=config.loss.get("target_norm_eps", 1e-5))
     targets = gather_tokens(h, batch["target_idx"])
     text = text_features(models, params, batch, config.model.text_trainable,
                          int(config.model.get("text_pack_rows", 0)))
@@ -328,6 +347,7 @@ def make_train_step(models: Models, config, tx, mesh=None):
         return grads, jax.tree.map(lambda m: m.sum(0), metrics)
 
     def train_step(state: TrainState, batch: dict):
+        batch = caption_control.apply(batch, config, models.text is not None)
         if mesh is None:
             grads, metrics = grads_and_metrics(state.params, state.ema_params, batch)
         else:  # activations follow config.sharding_rules' act_* names

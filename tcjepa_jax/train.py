@@ -96,7 +96,7 @@ def train(config, workdir: str, allow_config_change: bool = False) -> dict:
         peak = chips.peak_flops(config, jax.devices()[0]) if flops > 0 else None
         progress = Progress(config.total_steps, config.batch_size, flops, start_step, peak)
         profiler = Profiler(config, workdir)
-        periodic_eval = evaluation.PeriodicEvaluator(config, workdir, models, writer)
+        periodic_eval = evaluation.PeriodicEvaluator(config, workdir, models, writer, tokenizer)
         collapse = monitors.CollapseWatch(config.get("monitor", {}).get("collapse_fraction", 0))
         nonfinite = NonfiniteWatch(config, checkpointer, start_step,
                                    jax.device_get(state.nonfinite))
@@ -140,7 +140,8 @@ def train(config, workdir: str, allow_config_change: bool = False) -> dict:
     if config.probe.enabled:
         results = evaluation.final_evaluation(config, workdir, models,
                                               evaluation.encoder_params(state, config),
-                                              config.total_steps)
+                                              config.total_steps,
+                                              evaluation.model_params(state, config), tokenizer)
         metrics.update(results)
         writer.write(config.total_steps, results)
     writer.close()

@@ -1,10 +1,14 @@
 """The cost options of the text side (docs/method.md, section 9): each exact option gives the
-default computation's loss and gradients (to float rounding), the inexact one (cond_mlp
-"after_pool") runs and changes the loss, and the frozen text encoder costs no backward work.
+default computation's loss and gradients (to float rounding), the inexact ones (cond_mlp
+"after_pool", cond_pool "attention") run and change the loss, and the frozen text encoder costs
+no backward work.
 
-Tiny models on one CPU device, float32: about 70 s of CPU in all, most of it the four
-compilations of the tiny train loss (default, broadcast, packed, after_pool).
+Tiny models on one CPU device, float32: about 100 s of CPU in all, most of it the six
+compilations of the tiny train loss (default, broadcast, packed, after_pool, cond_pool
+"attention" unrolled and scanned).
 """
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,11 +18,13 @@ from flax import linen as nn
 
 from configs import synthetic_tiny
 from tcjepa_jax import nonfinite as nonfinite_lib
-from tcjepa_jax import optim
+from tcjepa_jax import optim, resume
 from tcjepa_jax import step as step_lib
+from tcjepa_jax.config_checks import check_combinations
 from tcjepa_jax.config_fields import check_fields
 from tcjepa_jax.models.predictor import TextConditioner, attend_captions
 from tcjepa_jax.models.layers import attend
+from tcjepa_jax.models.scan_params import scanned_from_unrolled
 from tcjepa_jax.models.text import (T5_SIZES, T5Encoder, caption_lengths, pack_captions,
                                     unpack_features)
 
@@ -231,6 +237,86 @@ def test_after_pool_passes_tokens_without_captions_through():
     assert not np.allclose(out[0], q[0])
 
 
+# ---- The inexact option: the max-pool over the captions' attention outputs -------------------
+
+def pool_attention_reference(p, q, text, mask, cap):
+    """cond_pool="attention" from its definition, in float64 numpy, one example at a time:
+    per caption softmax attention, the max over valid captions per (token, head, channel), one
+    out-projection, the MLP after the pool; q unchanged without a valid caption."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.unbox(p["params"]))
+    q, text = np.asarray(q, np.float64), np.asarray(text, np.float64)
+    mask, cap = np.asarray(mask), np.asarray(cap) & np.asarray(mask).any(-1)
+
+    def ln(x, w):
+        x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+        return x * w["scale"] + w["bias"]
+
+    def proj(x, w):  # width -> (heads, head_dim)
+        return np.einsum("...i,ihd->...hd", x, w["kernel"]) + w["bias"]
+
+    out = q.copy()
+    for b in np.flatnonzero(cap.any(1)):
+        qp = proj(ln(q[b], p["norm_q"]), p["q"])                                # (T,H,D)
+        att = []
+        for n in np.flatnonzero(cap[b]):
+            kp, vp = proj(text[b, n, mask[b, n]], p["k"]), proj(text[b, n, mask[b, n]], p["v"])
+            logits = np.einsum("thd,shd->hts", qp, kp) / np.sqrt(qp.shape[-1])
+            w = np.exp(logits - logits.max(-1, keepdims=True))
+            att.append(np.einsum("hts,shd->thd", w / w.sum(-1, keepdims=True), vp))
+        x = q[b] + np.einsum("thd,hdw->tw", np.max(att, axis=0), p["out"]["kernel"])
+        x = x + p["out"]["bias"]
+        hidden = ln(x, p["norm_mlp"]) @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"]
+        hidden = np.asarray(jax.nn.gelu(hidden, approximate=False))
+        out[b] = x + hidden @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
+    return out
+
+
+@pytest.mark.parametrize("attention", ["shared", "broadcast"])
+def test_pool_attention_matches_its_definition(attention):
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.normal(size=(3, 5, 24)), jnp.float32)
+    text = jnp.asarray(rng.normal(size=(3, N, S, 16)), jnp.float32)
+    mask = jnp.asarray(np.arange(S) < rng.integers(1, S + 1, (3, N, 1))).at[0, 3].set(False)
+    cap = jnp.asarray([[True, True, False, True], [False, True, True, True], [False] * N])
+    model = TextConditioner(2, mlp="after_pool", attention=attention, pool="attention")
+    variables = jax.jit(model.init)(jax.random.key(0), q, text, mask, cap)
+    variables = jax.tree.map(lambda a: a * 10.0 if a.ndim > 1 else a, variables)  # not ~ q
+    out, _ = jax.jit(model.apply)(variables, q, text, mask, cap)
+    np.testing.assert_allclose(out, pool_attention_reference(variables, q, text, mask, cap),
+                               rtol=2e-4, atol=2e-4)
+    np.testing.assert_array_equal(out[2], q[2])  # no valid caption: q passes through
+    with pytest.raises(ValueError, match="after_pool"):
+        TextConditioner(2, pool="attention").init(jax.random.key(0), q, text, mask, cap)
+
+
+def test_pool_attention_runs_unrolled_and_scanned_and_changes_the_loss(default_run):
+    _, _, grads, params, batch = default_run
+    params = scale_conditioners(params)
+    after_pool = dict(cond_mlp="after_pool")
+    loss, _, _, _, _ = loss_and_grads(tiny_config(**after_pool), params, batch)
+    option = dict(after_pool, cond_pool="attention")
+    loss2, metrics2, grads2, _, _ = loss_and_grads(tiny_config(**option), params, batch)
+    assert jax.tree.structure(grads2) == jax.tree.structure(grads)  # the same parameters
+    assert np.isfinite(loss2) and abs(float(loss2) - float(loss)) > 1e-3 * float(loss)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads2))
+    # nn.scan over PredictorLayer: the same function of the same (stacked) parameters.
+    loss3, metrics3, grads3, _, _ = loss_and_grads(
+        tiny_config(scan_layers=True, **option), scanned_from_unrolled(params), batch)
+    np.testing.assert_allclose(loss3, loss2, rtol=1e-5)
+    assert_trees_close(metrics3, metrics2, rtol=1e-4, atol=1e-6)
+    assert_trees_close(grads3, scanned_from_unrolled(grads2), rtol=1e-4, atol=1e-6)
+
+
+def test_pool_attention_needs_the_mlp_after_the_pool():
+    config = tiny_config(cond_pool="attention")
+    with pytest.raises(ValueError, match="model.cond_mlp='after_pool'"):
+        check_combinations(config)
+    config.model.cond_mlp = "after_pool"
+    check_combinations(config)
+    config.model.update(cond_mlp="per_caption", conditioning="none")  # I-JEPA: no conditioner
+    check_combinations(config)
+
+
 # ---- The frozen text encoder: no backward work ------------------------------------------------
 
 def _step_flops(config):
@@ -265,6 +351,7 @@ def test_frozen_text_encoder_has_no_backward_work(default_run):
 
 @pytest.mark.parametrize("field,value", [("cond_mlp", "after_pool"), ("cond_mlp", "per_caption"),
                                          ("cond_attention", "broadcast"),
+                                         ("cond_pool", "outputs"), ("cond_pool", "attention"),
                                          ("text_pack_rows", 0), ("text_pack_rows", 3)])
 def test_new_fields_accept(field, value):
     config = tiny_config()
@@ -275,6 +362,7 @@ def test_new_fields_accept(field, value):
 @pytest.mark.parametrize("field,value,match", [
     ("cond_mlp", "sometimes", "model.cond_mlp"), ("cond_mlp", 1, "model.cond_mlp"),
     ("cond_attention", "dense", "model.cond_attention"),
+    ("cond_pool", "words", "model.cond_pool"), ("cond_pool", True, "model.cond_pool"),
     ("text_pack_rows", -1, "model.text_pack_rows"),
     ("text_pack_rows", 1.5, "model.text_pack_rows")])
 def test_new_fields_reject(field, value, match):
@@ -286,12 +374,19 @@ def test_new_fields_reject(field, value, match):
 
 def test_defaults_are_the_per_caption_model():
     config = tiny_config()
-    assert (config.model.cond_mlp, config.model.cond_attention, config.model.text_pack_rows) == (
-        "per_caption", "shared", 0)
+    model = config.model
+    assert (model.cond_mlp, model.cond_attention, model.cond_pool, model.text_pack_rows) == (
+        "per_caption", "shared", "outputs", 0)
     # Older configs without the fields build the same models.
     tree = config.to_dict()
-    for name in ("cond_mlp", "cond_attention", "text_pack_rows"):
+    for name in ("cond_mlp", "cond_attention", "cond_pool", "text_pack_rows"):
         del tree["model"][name]
     old = ml_collections.ConfigDict(tree)
     assert step_lib.build_models(old, VOCAB).predictor == step_lib.build_models(
         config, VOCAB).predictor
+    # ... and resume as the same experiment; changing cond_pool is an experiment change.
+    assert resume.config_changes(json.loads(old.to_json()), config)[0] == {}
+    changed = ml_collections.ConfigDict(config.to_dict())
+    changed.model.cond_pool = "attention"
+    assert list(resume.config_changes(json.loads(config.to_json()), changed)[0]) == [
+        "model.cond_pool"]

@@ -21,6 +21,9 @@ Batch format (b = config.batch_size // process_count):
     text_ids       int32   (b, N, L)      N = input.num_captions, L = input.max_caption_len
     text_mask      bool    (b, N, L)
     caption_valid  bool    (b, N)
+    text_features  bf16    (b, N, L, Dt)  only with model.text_features="precomputed": the stored
+                                          T5 features of the sampled captions (text_features.py;
+                                          float32 if stored so), zeros at padding
     context_idx    int32   (b, Nc)        Nc = mask_spec.num_context_slots
     context_valid  bool    (b, Nc)
     target_idx     int32   (b, K, Nt)     K = mask_spec.num_targets, Nt = mask_spec.num_target_slots
@@ -35,6 +38,7 @@ from absl import flags
 
 from tcjepa_jax import masks
 from tcjepa_jax.data import decode
+from tcjepa_jax.data import text_features as text_lib
 from tcjepa_jax.data import transforms
 from tcjepa_jax.data.batching import BadRecordCounter, GoodBatches
 from tcjepa_jax.data.sources import available_sources, make_source  # noqa: F401 (re-exported)
@@ -88,6 +92,11 @@ class TrainExample:
         self.num_captions = int(config.input.num_captions)
         self.max_len = int(config.input.max_caption_len)
         self.require_captions = bool(config.input.get("skip_uncaptioned", True))
+        self.text_width = 0  # > 0: read the records' precomputed T5 features
+        if tokenizer is not None and text_lib.precomputed(config):
+            from tcjepa_jax.models.text import T5_SIZES  # pylint: disable=C0415  # not in workers
+            self.text_width = T5_SIZES[config.model.text]["width"]
+            self.text_dtype = text_lib.dataset_dtype(config.input.get("data_dir", ""))
         self.process_index, self.process_count, self.start = process_index, process_count, start
         self.epoch_size = len(source)
 
@@ -112,6 +121,9 @@ class TrainExample:
             sentences, dropped = record_captions(record, self.require_captions)
             captions, caption_valid = transforms.sample_captions(sentences, rng, self.num_captions)
             text_ids, text_mask = self.tokenizer.encode(captions, self.max_len)
+        if self.text_width:
+            features = text_lib.example_features(record, captions, text_mask, self.text_width,
+                                                 self.text_dtype)
         m = masks.sample_masks(self.mask_spec, self.seed, index, epoch)
         example = {
                 "image": transforms.normalize(image),
@@ -120,6 +132,8 @@ class TrainExample:
                 "caption_valid": caption_valid,
                 **m,
         }
+        if self.text_width:
+            example["text_features"] = features
         if dropped:
             example["dropped_captions"] = dropped  # counted and removed by GoodBatches
         return example

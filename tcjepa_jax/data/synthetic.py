@@ -17,6 +17,14 @@ Record format (dict):
 The largest object (largest radius) is drawn last, so it is never occluded and its shape id is
 always present in ``segmentation``. Object positions are drawn with a light rejection step so
 objects overlap little and every object stays visible and its caption stays true.
+
+``SyntheticScenes.grounded(index)`` returns the same record plus what only the grounding evaluator
+reads (never the training batch): ``objects`` int8 (S, S), the index of the top-most object at
+each pixel (-1 = background), and ``caption_words``, per caption its words (split on spaces, so
+" ".join gives the caption back) with the index of the object each word names (-1 = none).
+A word names an object when it is one of the size, colour or shape words of that object's noun
+phrase ("a small red circle", "the red circle"); articles, counts, positions, relations and the
+background sentence name none.
 """
 
 from __future__ import annotations
@@ -88,10 +96,6 @@ def _position_phrase(cx: float, cy: float) -> str:
     )[row][col]
 
 
-def _join(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
 class SyntheticScenes:
     """Random-access source of captioned synthetic scenes (see module docstring)."""
 
@@ -103,6 +107,7 @@ class SyntheticScenes:
             size: int = 1_000_000,
             min_objects: int = 1,
             max_objects: int = 4,
+            object_scale: float = 1.0,
     ):
         if not 1 <= min_objects <= max_objects <= 9:
             raise ValueError(f"Need 1 <= min_objects <= max_objects <= 9, got {min_objects}, {max_objects}.")
@@ -114,6 +119,9 @@ class SyntheticScenes:
         self.size = int(size)
         self.min_objects = int(min_objects)
         self.max_objects = int(max_objects)
+        if not 0.25 <= object_scale <= 2.5:
+            raise ValueError(f"object_scale must be in [0.25, 2.5], got {object_scale}.")
+        self.object_scale = float(object_scale)
         self._split_id = _split_id(split)
         s = self.image_size
         self._yy, self._xx = np.mgrid[0:s, 0:s].astype(np.float32)
@@ -126,6 +134,13 @@ class SyntheticScenes:
                         f"size={self.size}, objects={self.min_objects}..{self.max_objects})")
 
     def __getitem__(self, index: int) -> dict:
+        return self._draw(index, grounded=False)
+
+    def grounded(self, index: int) -> dict:
+        """The record of ``index`` plus ``objects`` and ``caption_words`` (module docstring)."""
+        return self._draw(index, grounded=True)
+
+    def _draw(self, index: int, grounded: bool) -> dict:
         index = int(index)
         if index < 0:
             index += self.size
@@ -135,11 +150,12 @@ class SyntheticScenes:
         shapes = rng.integers(0, len(SHAPES), n)
         colors = rng.integers(0, len(COLORS), n)
         sizes = rng.integers(0, 2, n)
-        radii = np.asarray(_RADIUS)[sizes] * rng.uniform(0.9, 1.1, n) * s
+        radii = np.asarray(_RADIUS)[sizes] * self.object_scale * rng.uniform(0.9, 1.1, n) * s
         centres = self._place(rng, radii)
 
         image, texture = self._background(rng)
         seg = np.zeros((s, s), np.uint8)
+        objects = np.full((s, s), -1, np.int8)
         order = np.argsort(radii, kind="stable")  # largest drawn last: never occluded
         jitter = rng.uniform(-18, 18, (n, 3)).astype(np.float32)
         for k in order:
@@ -151,17 +167,21 @@ class SyntheticScenes:
             inside = _shape_mask(int(shapes[k]), dx, dy)
             image[y0:y1, x0:x1][inside] = _RGB[colors[k]] + jitter[k]
             seg[y0:y1, x0:x1][inside] = 1 + shapes[k]
+            objects[y0:y1, x0:x1][inside] = k
         largest = int(order[-1])
 
-        captions = self._captions(rng, shapes, colors, sizes, centres / s, texture)
-        return {
+        words = self._captions(rng, shapes, colors, sizes, centres / s, texture)
+        record = {
                 "image": np.clip(image, 0, 255).astype(np.uint8),
-                "captions": captions,
+                "captions": [" ".join(w for w, _ in sentence) for sentence in words],
                 "label_count": n,
                 "label_shape": int(shapes[largest]),
                 "label_color": int(colors[largest]),
                 "segmentation": seg,
         }
+        if grounded:
+            record.update(objects=objects, caption_words=words)
+        return record
 
     # --- drawing -----------------------------------------------------------------------------------
 
@@ -198,15 +218,28 @@ class SyntheticScenes:
 
     # --- captions ----------------------------------------------------------------------------------
 
-    def _captions(self, rng, shapes, colors, sizes, centres01, texture) -> list[str]:
+    def _captions(self, rng, shapes, colors, sizes, centres01, texture) -> list:
+        """Caption sentences as lists of (word, index of the object it names or -1)."""
         n = len(shapes)
-        names = [f"{SIZES[z]} {COLORS[c]} {SHAPES[h]}" for h, c, z in zip(shapes, colors, sizes)]
+
+        def phrase(article, k, with_size=True):
+            attrs = [SIZES[sizes[k]]] if with_size else []
+            attrs += [COLORS[colors[k]], SHAPES[shapes[k]]]
+            return [(article, -1)] + [(w, int(k)) for w in attrs]
+
+        def punct(words, mark):
+            return words[:-1] + [(words[-1][0] + mark, words[-1][1])]
+
+        items = [phrase("a", k) for k in range(n)]
+        listed = items[0]
+        if n > 1:  # "x, y and z"
+            listed = [w for item in items[:-2] for w in punct(item, ",")] + items[-2] \
+                + [("and", -1)] + items[-1]
         noun = "object" if n == 1 else "objects"
-        sentences = [f"{_NUMBERS[n]} {noun}: " + _join([f"a {x}" for x in names]) + "."]
+        sentences = [punct([(_NUMBERS[n], -1), (noun + ":", -1)] + listed, ".")]
         for k in range(n):
             where = _position_phrase(*centres01[k])
-            sentences.append(f"a {names[k]} {where}.")
-        refs = [f"the {COLORS[c]} {SHAPES[h]}" for h, c in zip(shapes, colors)]
+            sentences.append(punct(phrase("a", k) + [(w, -1) for w in where.split()], "."))
         if n >= 2:
             perm = rng.permutation(n)
             for a, b in zip(perm[:-1], perm[1:]):  # n - 1 relations along a random chain
@@ -215,8 +248,10 @@ class SyntheticScenes:
                     rel = "above" if dy > 0 else "below"
                 else:
                     rel = "to the left of" if dx > 0 else "to the right of"
-                sentences.append(f"{refs[a]} is {rel} {refs[b]}.")
-        sentences.append(f"the background is {texture}.")
+                sentences.append(punct(phrase("the", a, False) + [("is", -1)]
+                                       + [(w, -1) for w in rel.split()]
+                                       + phrase("the", b, False), "."))
+        sentences.append(punct([(w, -1) for w in f"the background is {texture}".split()], "."))
         return [sentences[i] for i in rng.permutation(len(sentences))]
 
 

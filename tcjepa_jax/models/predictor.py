@@ -2,8 +2,8 @@
 
 Per predictor layer: a pre-LN self-attention block over [context tokens, mask tokens], then the
 text conditioner: every token cross-attends to each caption's words, and the per-caption results
-are max-pooled over the valid captions. The conditioner also returns the rectified cosine map O
-that the sparsity and consistency penalties act on.
+are max-pooled over the valid captions. The conditioner also returns the map that the sparsity
+and consistency penalties act on (models/penalties.py: the paper's rectified cosine O by default).
 """
 from typing import Any
 
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from tcjepa_jax.models.layers import (HEADS, Mlp, apply_layers, attend, constrain_tokens, dense,
                                      layer_norm, remat, trunc_normal)
+from tcjepa_jax.models.penalties import penalty_map, text_penalties  # noqa: F401 (re-exported)
 from tcjepa_jax.models.vit import Block, sincos_2d
 
 Dtype = Any
@@ -21,13 +22,15 @@ CONDITIONING = ("all", "first", "caption", "none")
 
 COND_MLP = ("per_caption", "after_pool")
 COND_ATTENTION = ("shared", "broadcast")
+COND_POOL = ("outputs", "attention")
 
 
 class TextConditioner(nn.Module):
     """One layer's conditioner.
 
     q (B,T,W) tokens; text (B,N,S,Dt) word features of N captions; text_mask (B,N,S) bool;
-    caption_valid (B,N) bool. Returns (q_out (B,T,W), O (B,N,T,S) float32 or None).
+    caption_valid (B,N) bool. Returns (q_out (B,T,W), O (B,N,T,S) float32 or None), O the
+    map of `penalty` (loss.penalty, models/penalties.py; "cosine": the paper's).
     mode "words": attend over the words; "caption": one key per caption, the mean valid word
     feature, and no O (caption-level ablation).
     mlp (model.cond_mlp): "per_caption" runs the MLP on every caption's result before the
@@ -35,19 +38,31 @@ class TextConditioner(nn.Module):
     function). attention (model.cond_attention): "shared" scores the projected queries against
     all N captions' keys in one product and normalises per caption; "broadcast" copies the
     queries once per caption and attends caption by caption. Both compute the same thing.
+    pool (model.cond_pool): what the max over captions pools. "outputs": each caption's token
+    after the out-projection (and the MLP, per_caption); "attention": the attention outputs
+    (B,N,T,H,D), then one out-projection per token (N times less projection work; not the same
+    function). "attention" leaves no per-caption token for the MLP, so it needs mlp="after_pool".
     """
     num_heads: int
     mlp_ratio: float = 1.0
     mode: str = "words"
     mlp: str = "per_caption"
     attention: str = "shared"
+    penalty: str = "cosine"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    pool: str = "outputs"
 
     @nn.compact
     def __call__(self, q, text, text_mask, caption_valid):
         if self.mlp not in COND_MLP:
             raise ValueError(f"cond_mlp={self.mlp!r}; expected one of {COND_MLP}.")
+        if self.pool not in COND_POOL:
+            raise ValueError(f"cond_pool={self.pool!r}; expected one of {COND_POOL}.")
+        if self.pool == "attention" and self.mlp != "after_pool":
+            raise ValueError("cond_pool='attention' pools before the out-projection, which "
+                             "leaves no per-caption token for the MLP: use "
+                             "cond_mlp='after_pool'.")
         if self.attention not in COND_ATTENTION:
             raise ValueError(f"cond_attention={self.attention!r}; expected one of "
                              f"{COND_ATTENTION}.")
@@ -82,17 +97,22 @@ class TextConditioner(nn.Module):
             qn = jnp.broadcast_to(qp[:, None], (b, n, t) + heads).reshape((b * n, t) + heads)
             att = attend(qn, kp.reshape((b * n, s) + heads), vp.reshape((b * n, s) + heads),
                          key_valid=text_mask.reshape(b * n, s)).reshape((b, n, t) + heads)
-        qc = q[:, None] + dense(width, ("heads", "kv", "embed"), axis=(-2, -1), name="out",
-                                **kw)(att)                                     # (B,N,T,W)
+        out_proj = dense(width, ("heads", "kv", "embed"), axis=(-2, -1), name="out", **kw)
         mlp = Mlp(int(width * self.mlp_ratio), name="mlp", **kw)
         norm_mlp = layer_norm("norm_mlp", **kw)
-        if self.mlp == "per_caption":
-            qc = constrain_tokens(qc + mlp(norm_mlp(constrain_tokens(qc))))
-
         # Max-pool over valid captions; an example without any caption passes q through.
-        pooled = jnp.where(caption_valid[:, :, None, None], qc, -jnp.inf).max(axis=1)
         any_caption = caption_valid.any(1)[:, None, None]
-        out = jnp.where(any_caption, pooled, q)
+        if self.pool == "attention":
+            pooled = jnp.where(caption_valid[:, :, None, None, None], att, -jnp.inf).max(axis=1)
+            # Zeros, not -inf, into the projection: its kernel gradient would be -inf * 0.
+            pooled = jnp.where(any_caption[..., None], pooled, 0).astype(att.dtype)
+            out = jnp.where(any_caption, q + out_proj(constrain_tokens(pooled, HEADS)), q)
+        else:
+            qc = q[:, None] + out_proj(att)                                    # (B,N,T,W)
+            if self.mlp == "per_caption":
+                qc = constrain_tokens(qc + mlp(norm_mlp(constrain_tokens(qc))))
+            pooled = jnp.where(caption_valid[:, :, None, None], qc, -jnp.inf).max(axis=1)
+            out = jnp.where(any_caption, pooled, q)
         if self.mlp == "after_pool":  # on finite values only (-inf would poison the gradients)
             out = constrain_tokens(out)
             out = jnp.where(any_caption, out + mlp(norm_mlp(out)), q)
@@ -100,19 +120,7 @@ class TextConditioner(nn.Module):
 
         if self.mode == "caption":
             return out, None
-        # O: rectified cosine of the full projected query and key (all heads concatenated).
-        qf = qp.reshape(b, t, -1).astype(jnp.float32)
-        kf = kp.reshape(b, n, s, -1).astype(jnp.float32)
-        qf, kf = _unit(qf), _unit(kf)
-        o = jnp.maximum(jnp.einsum("btd,bnsd->bnts", qf, kf), 0.0)
-        return out, jnp.where(text_mask[:, :, None, :], o, 0.0)
-
-
-def _unit(x):
-    """x / max(|x|, 1e-6) over the last axis, with a finite gradient at x = 0 (where
-    jnp.linalg.norm's is NaN: a zero key, e.g. a zeroed padding word, must not poison the
-    gradient through the masked O entries)."""
-    return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+        return out, penalty_map(self.penalty, qp, kp, text_mask)
 
 
 def attend_captions(q, k, v, text_mask):
@@ -129,31 +137,6 @@ def attend_captions(q, k, v, text_mask):
     return jnp.einsum("bnhts,bnshd->bnthd", weights, v)
 
 
-def text_penalties(os: list, token_valid, text_mask, caption_valid) -> dict:
-    """L_sparse, L_consistency and per-layer O statistics (docs/method.md).
-
-    os: per conditioned layer O (B,N,T,S); token_valid (B,T); text_mask (B,N,S);
-    caption_valid (B,N). Means run over valid (token, caption) pairs of the whole batch.
-    """
-    if not os:
-        zero = jnp.zeros((), jnp.float32)
-        return dict(sparse=zero, consistency=zero, o_mean=jnp.zeros((0,), jnp.float32),
-                    o_frac_pos=jnp.zeros((0,), jnp.float32))
-    o = jnp.stack(os)                                                      # (L,B,N,T,S)
-    caption_valid = caption_valid & text_mask.any(-1)  # as in TextConditioner
-    pair = (caption_valid[:, :, None] & token_valid[:, None, :]).astype(jnp.float32)  # (B,N,T)
-    word = pair[..., None] * text_mask[:, :, None, :].astype(jnp.float32)  # (B,N,T,S)
-    num_pairs = jnp.maximum(pair.sum(), 1.0)
-    l1 = o.sum(-1)                                                         # (L,B,N,T)
-    sparse = (l1 * pair).sum() / (num_pairs * o.shape[0])
-    dev = jnp.abs(o - o.mean(0, keepdims=True)).sum(-1).mean(0)            # (B,N,T)
-    consistency = (dev * pair).sum() / num_pairs
-    num_words = jnp.maximum(word.sum(), 1.0)
-    return dict(sparse=sparse, consistency=consistency,
-                o_mean=(o * word).sum((1, 2, 3, 4)) / num_words,
-                o_frac_pos=((o > 0) * word).sum((1, 2, 3, 4)) / num_words)
-
-
 class Predictor(nn.Module):
     enc_width: int
     width: int
@@ -164,10 +147,13 @@ class Predictor(nn.Module):
     cond_mlp_ratio: float = 1.0
     cond_mlp: str = "per_caption"      # COND_MLP: the conditioner's MLP per caption or pooled
     cond_attention: str = "shared"     # COND_ATTENTION: how the per-caption softmax is computed
+    cond_pool: str = "outputs"         # COND_POOL: what the max over captions pools
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: Any = "none"  # layers.REMAT_POLICIES
     scan: bool = False   # nn.scan over the layers (see _scanned_layers)
+    attention: str = "auto"  # config.model.attention: the blocks' self-attention (attention.py)
+    penalty: str = "cosine"  # loss.penalty: the map the penalties act on (penalties.py)
 
     @nn.compact
     def __call__(self, ctx, ctx_idx, ctx_valid, tgt_idx, tgt_valid, text, text_mask,
@@ -203,7 +189,7 @@ class Predictor(nn.Module):
         x = layer_norm("norm", **kw)(x)
         x = dense(self.enc_width, ("embed", None), name="proj", **kw)(x[:, nc:])
         aux = text_penalties(os, valid.reshape(b, k * (nc + nt)), text_mask.astype(bool),
-                             caption_valid.astype(bool))
+                             caption_valid.astype(bool), self.penalty)
         return x.reshape(b, k, nt, self.enc_width).astype(jnp.float32), aux
 
     def _layers(self, x, valid, text, text_mask, caption_valid, b, k, nc, nt, kw):
@@ -212,14 +198,16 @@ class Predictor(nn.Module):
         cond = remat(TextConditioner, self.remat)
         os = []
         for i in range(self.depth):
-            x = block(self.num_heads, self.mlp_ratio, name=f"block_{i}", **kw)(x, valid)
+            x = block(self.num_heads, self.mlp_ratio, name=f"block_{i}",
+                      attention=self.attention, **kw)(x, valid)
             if self.conditioning == "none" or (self.conditioning == "first" and i > 0):
                 continue
             # Cross-attention is per token, so the K sequences of an example can share one
             # copy of its text: regroup (B*K, T) tokens as (B, K*T) instead of repeating text.
             mode = "caption" if self.conditioning == "caption" else "words"
             xb, o = cond(self.num_heads, self.cond_mlp_ratio, mode, self.cond_mlp,
-                         self.cond_attention, name=f"cond_{i}", **kw)(
+                         self.cond_attention, self.penalty, name=f"cond_{i}",
+                         pool=self.cond_pool, **kw)(
                 x.reshape(b, k * (nc + nt), self.width), text, text_mask, caption_valid)
             x = xb.reshape(b * k, nc + nt, self.width)
             if o is not None:
@@ -233,7 +221,8 @@ class Predictor(nn.Module):
         layer_kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                         cond_mode=mode[self.conditioning], cond_mlp_ratio=self.cond_mlp_ratio,
                         cond_mlp=self.cond_mlp, cond_attention=self.cond_attention,
-                        **kw)
+                        cond_pool=self.cond_pool, penalty=self.penalty,
+                        attention=self.attention, **kw)
         args = (valid, text, text_mask, caption_valid)
         os, depth = [], self.depth
         if self.conditioning == "first":
@@ -258,16 +247,21 @@ class PredictorLayer(nn.Module):
     cond_attention: str = "shared"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"
+    penalty: str = "cosine"
+    cond_pool: str = "outputs"
 
     @nn.compact
     def __call__(self, x, valid, text, text_mask, caption_valid):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = Block(self.num_heads, self.mlp_ratio, name="block", **kw)(x, valid)
+        x = Block(self.num_heads, self.mlp_ratio, name="block", attention=self.attention,
+                  **kw)(x, valid)
         if self.cond_mode is None:
             return x, None
         bk, t, width = x.shape
         b = text.shape[0]
         xb, o = TextConditioner(self.num_heads, self.cond_mlp_ratio, self.cond_mode,
-                                self.cond_mlp, self.cond_attention, name="cond", **kw)(
+                                self.cond_mlp, self.cond_attention, self.penalty, name="cond",
+                                pool=self.cond_pool, **kw)(
             x.reshape(b, (bk // b) * t, width), text, text_mask, caption_valid)
         return xb.reshape(bk, t, width), o

@@ -66,13 +66,15 @@ class Block(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"  # config.model.attention (models/attention.py)
 
     @nn.compact
     def __call__(self, x, valid=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain_tokens(x)
         y = layer_norm("norm1", **kw)(x)
-        x = x + SelfAttention(self.num_heads, name="attn", **kw)(y, valid)
+        x = x + SelfAttention(self.num_heads, name="attn", attention=self.attention,
+                              **kw)(y, valid)
         y = layer_norm("norm2", **kw)(x)
         return constrain_tokens(x + Mlp(int(x.shape[-1] * self.mlp_ratio), name="mlp", **kw)(y))
 
@@ -98,6 +100,7 @@ class VisionTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: Any = "none"  # layers.REMAT_POLICIES: recompute blocks in the backward pass
     scan: bool = False   # nn.scan over the blocks (parameters "blocks", stacked)
+    attention: str = "auto"  # config.model.attention: the self-attention's implementation
 
     @nn.compact
     def __call__(self, images, keep_idx=None, keep_valid=None):
@@ -112,6 +115,6 @@ class VisionTransformer(nn.Module):
             x = jnp.take_along_axis(x, keep_idx[..., None], axis=1)
         x, _ = apply_layers(Block, self.depth, x, keep_valid, name="block", scan=self.scan,
                             remat_policy=self.remat, num_heads=self.num_heads,
-                            mlp_ratio=self.mlp_ratio, **kw)
+                            mlp_ratio=self.mlp_ratio, attention=self.attention, **kw)
         # Final LN in float32: its output feeds the predictor and the loss targets.
         return layer_norm("norm", jnp.float32, self.param_dtype)(x)

@@ -104,8 +104,10 @@ def start(out: str, args: dict, num_shards: int, overwrite: bool) -> tuple[set[i
     return done, 0 if overwrite else len(delete)
 
 
-def finish(out: str, num_shards: int, source: dict, label_names, bad_lines) -> dict:
-    """Sums the shards' stats into manifest.json (written last) and returns the manifest."""
+def finish(out: str, num_shards: int, source: dict, label_names, bad_lines,
+           extra: dict | None = None) -> dict:
+    """Sums the shards' stats into manifest.json (written last) and returns the manifest;
+    `extra`: more sections (text_features)."""
     total, shards = shard_writer.empty_stats(), []
     for i in range(num_shards):
         with open(os.path.join(out, shard_writer.stats_name(i, num_shards)), encoding="utf-8") as f:
@@ -134,6 +136,7 @@ def finish(out: str, num_shards: int, source: dict, label_names, bad_lines) -> d
             "read_errors": total["errors"],
             "source": source,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **(extra or {}),
     }
     _write_json(os.path.join(out, MANIFEST), manifest)
     return manifest

@@ -2,7 +2,8 @@
 
     check arguments and inputs (InputError) -> check the output folder (refuse / resume / done)
         -> index the caption file -> write the missing shards in a spawn pool, one task a shard,
-           a progress bar over input items -> manifest.json -> summary
+           a progress bar over input items [-> T5 features of their captions, in this process,
+           text_writer.py] -> manifest.json -> summary
 
 Kept apart from the CLI (make_dataset.py) so it can be called without absl flags, e.g. by tests.
 """
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from tcjepa_jax.data.captions import CaptionFile
 from tcjepa_jax.tools import dataset_dir
 from tcjepa_jax.tools import shard_writer
+from tcjepa_jax.tools import text_writer
 from tcjepa_jax.tools.dataset_inputs import FolderInput, InputError, TfdsInput
 
 TFDS_DEFAULTS = {"tfds_split": "train", "tfds_data_dir": "", "image_key": "image", "id_key": "",
@@ -30,11 +32,15 @@ def default_workers() -> int:
 
 def write_dataset(out: str, *, images: str | None = None, label_from: str | None = None,
                   tfds: str | None = None, captions: str | None = None, shard_size: int = 1000,
-                  workers: int | None = None, overwrite: bool = False, **tfds_args) -> dict:
+                  workers: int | None = None, overwrite: bool = False,
+                  text_checkpoint: str | None = None, text: str = "base",
+                  max_caption_len: int = 64, text_features_dtype: str = "bfloat16",
+                  **tfds_args) -> dict:
     """Writes (or resumes, or finds complete) the dataset in `out`; returns its manifest.
 
     Arguments are make_dataset's flags; the TFDS ones (TFDS_DEFAULTS) may only be given with
-    `tfds`. User errors raise InputError before anything is written.
+    `tfds`. With `text_checkpoint` every record also stores the T5 features of its captions
+    (text_writer.py). User errors raise InputError before anything is written.
     """
     _check_args(out, images, label_from, tfds, captions, shard_size, workers, tfds_args)
     workers = workers or default_workers()
@@ -50,6 +56,9 @@ def write_dataset(out: str, *, images: str | None = None, label_from: str | None
         args = {"tfds": tfds, **t}
     args.update(captions=os.path.abspath(captions) if captions else "", shard_size=shard_size,
                 num_items=len(source))
+    if text_checkpoint:  # absent otherwise, so that datasets written before the option resume
+        args.update(text_checkpoint=os.path.abspath(text_checkpoint), text=text,
+                    max_caption_len=max_caption_len, text_features_dtype=text_features_dtype)
 
     state = dataset_dir.check(out, args, overwrite)
     if state == "complete":
@@ -57,6 +66,11 @@ def write_dataset(out: str, *, images: str | None = None, label_from: str | None
               "Pass --overwrite to write it again.")
         with open(os.path.join(out, dataset_dir.MANIFEST), encoding="utf-8") as f:
             return json.load(f)
+    encoder = None
+    if text_checkpoint:  # loads T5: after the cheap checks, before anything is written
+        print(f"loading T5-{text} from {text_checkpoint} ...", flush=True)
+        encoder = text_writer.FeatureEncoder(text_checkpoint, text, max_caption_len,
+                                             text_features_dtype)
     caption_file = None
     if captions:
         print(f"indexing caption file {captions} ...", flush=True)
@@ -79,12 +93,17 @@ def write_dataset(out: str, *, images: str | None = None, label_from: str | None
              for i in todo)  # made as the pool takes them: a task carries its items' refs
     done_items = sum(min(shard_size, len(source) - i * shard_size) for i in done)
     for _ in _run(tasks, len(todo), source.reader, caption_file, workers, done_items,
-                  len(source)):
-        pass
+                  len(source), pending=encoder is not None):
+        if encoder is not None:
+            text_writer.commit_pending(out, encoder)
+    extra = {}
+    if encoder is not None:
+        extra[text_writer.text_lib.MANIFEST_KEY] = text_writer.manifest_section(
+            out, num_shards, encoder.metadata)
     manifest = dataset_dir.finish(out, num_shards,
                                   {**args, "input": "images" if images else "tfds"},
                                   source.label_names,
-                                  dict(caption_file.bad_lines) if caption_file else {})
+                                  dict(caption_file.bad_lines) if caption_file else {}, extra)
     print(summary(out, manifest))
     return manifest
 
@@ -122,18 +141,19 @@ def _check_args(out, images, label_from, tfds, captions, shard_size, workers, tf
 
 
 def _run(tasks, num_tasks: int, reader, caption_file, workers: int, done_items: int,
-         total_items: int):
-    """Writes the shards of `tasks`, with a progress bar over input items; yields their stats."""
+         total_items: int, pending: bool = False):
+    """Writes the shards of `tasks`, with a progress bar over input items; yields their stats.
+    `pending`: the shards are left for text_writer to commit."""
     with tqdm(total=total_items, initial=done_items, unit="img", desc="writing", smoothing=0.05,
               dynamic_ncols=True) as bar:
         if workers == 1 or num_tasks <= 1:  # no process start-up for a single shard
-            shard_writer.init_worker(reader, caption_file, bar.update)
+            shard_writer.init_worker(reader, caption_file, bar.update, pending)
             yield from map(shard_writer.write_shard, tasks)
             return
         ctx = multiprocessing.get_context("spawn")  # TF or JAX may be imported: never fork
         items_done = ctx.Value("q", 0)  # summed over the workers item by item, polled here
         with ctx.Pool(min(workers, num_tasks), shard_writer.init_worker,
-                      (reader, caption_file, items_done)) as pool:
+                      (reader, caption_file, items_done, pending)) as pool:
             results = pool.imap_unordered(shard_writer.write_shard, tasks)
             while True:
                 try:
@@ -172,4 +192,10 @@ def summary(out: str, manifest: dict) -> str:
                      f"{c['sentences_per_image']['min']}, max {c['sentences_per_image']['max']}), "
                      f"{c['words_per_sentence']['mean']:.1f} words per sentence (max "
                      f"{c['words_per_sentence']['max']})")
+    t = manifest.get(text_writer.text_lib.MANIFEST_KEY)
+    if t:
+        lines.append(f"text features: T5-{t['text']} ({t['checkpoint']}), {t['dtype']}, "
+                     f"{t['tokens_per_sentence']:.1f} tokens per sentence of at most "
+                     f"{t['max_caption_len']} ({t['sentences_at_max_len']} at the limit), "
+                     f"{t['bytes_per_image'] / 1024:.1f} KiB per image")
     return "\n".join(lines)

@@ -5,6 +5,9 @@
         --captions=in1k_captions.jsonl --out=OUT
     python -m tcjepa_jax.tools.make_dataset --tfds=coco_captions --tfds_split=train \\
         --id_key=image/id --caption_key=captions/text --out=OUT
+    # ... and the frozen T5's features of every caption (model.text_features="precomputed")
+    python -m tcjepa_jax.tools.make_dataset --images=DIR --captions=captions.jsonl --out=OUT \\
+        --text_checkpoint=t5-v1_1-base --text=base --max_caption_len=64
 
 Inputs: --images, every non-hidden file under a folder (id = its path relative to the folder,
 with "/"), captions from --captions, a JSONL file of {"id": ..., "captions": [...]} lines (an id
@@ -18,6 +21,13 @@ skipped and counted by kind, and the summary explains each kind. Item i goes to 
 i // shard_size; shards are written in parallel, each atomically, so a run that was interrupted
 resumes where it stopped when started again with the same arguments. DIR ends with manifest.json:
 counts by kind, caption statistics and the arguments.
+
+--text_checkpoint also stores with each record the word features that frozen T5 encoder gives
+each caption sentence (tokenized with its spiece.model and cut to --max_caption_len tokens, as
+the training pipeline does), in --text_features_dtype; manifest.json records which T5 made them,
+and training with model.text_features="precomputed" refuses a config that names another
+(data/text_features.py, tools/text_writer.py). T5 runs in this process, on its accelerators if
+it has any.
 
 The work is done by dataset_writer.py (orchestration), dataset_inputs.py (folder and TFDS
 inputs), shard_writer.py (the worker processes) and dataset_dir.py (resume, overwrite, manifest).
@@ -54,9 +64,17 @@ flags.DEFINE_string("out", None, "Output folder.")
 flags.DEFINE_integer("shard_size", 1000, "Input items per shard.")
 flags.DEFINE_integer("workers", dataset_writer.default_workers(), "Shards written in parallel.")
 flags.DEFINE_bool("overwrite", False, "Delete make_dataset's previous output in --out first.")
+flags.DEFINE_string("text_checkpoint", None, "A Hugging Face T5 v1.1 folder (as "
+                    "model.text_checkpoint): store its encoder's features of every caption.")
+flags.DEFINE_string("text", "base", "With --text_checkpoint: its size, as model.text.")
+flags.DEFINE_integer("max_caption_len", 64, "With --text_checkpoint: S, tokens per caption, as "
+                     "input.max_caption_len.")
+flags.DEFINE_enum("text_features_dtype", "bfloat16", ["bfloat16", "float32"],
+                  "With --text_checkpoint: the stored features' dtype.")
 
 FLAGS = flags.FLAGS
 _ARGS = ("images", "label_from", "tfds", "captions", "shard_size", "workers", "overwrite")
+_TEXT_ARGS = ("text", "max_caption_len", "text_features_dtype")
 
 
 def main(argv):
@@ -68,6 +86,13 @@ def main(argv):
     # TFDS flags count as given only when set, so that they can be refused with --images.
     kwargs.update({name: FLAGS[name].value for name in dataset_writer.TFDS_DEFAULTS
                    if FLAGS[name].present})
+    text_flags = [f"--{name}" for name in _TEXT_ARGS if FLAGS[name].present]
+    if FLAGS.text_checkpoint:
+        kwargs.update(text_checkpoint=FLAGS.text_checkpoint,
+                      **{name: FLAGS[name].value for name in _TEXT_ARGS})
+    elif text_flags:
+        sys.exit(f"error: {', '.join(text_flags)} go with --text_checkpoint=DIR (the T5 whose "
+                 "features to store)")
     try:
         dataset_writer.write_dataset(FLAGS.out, **kwargs)
     except InputError as e:

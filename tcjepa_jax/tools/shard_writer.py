@@ -4,7 +4,9 @@ A task is one whole shard: (out_dir, shard index, number of shards, item refs). 
 its captions looked up (caption file) and cleaned, its image fully decoded, and it is either
 written as a record (the ORIGINAL image bytes) or skipped with a kind. The shard goes to a hidden
 temporary name; its stats file is written next, then the shard is renamed into place: a shard's
-final name is the commit point, so a shard that exists is complete and has its stats.
+final name is the commit point, so a shard that exists is complete and has its stats. With
+make_dataset --text_checkpoint the worker renames it to its pending name instead, and the main
+process commits it once it has added the text features (text_writer.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ BAD_LINE_KINDS = {
 SHARD_RE = re.compile(r"shard-(\d{5,})-of-(\d{5,})" + re.escape(records.SHARD_SUFFIX))
 STATS_RE = re.compile(r"\.shard-(\d{5,})-of-(\d{5,})\.json")
 TEMP_RE = re.compile(r"\.shard-\d{5,}-of-\d{5,}\..*\.tmp")
+PENDING_RE = re.compile(r"\.shard-(\d{5,})-of-(\d{5,})" + re.escape(records.SHARD_SUFFIX)
+                        + r"\.pending\.tmp")  # a TEMP_RE name: removed when a run resumes
 _MAX_ERRORS = 3  # read_error messages kept per shard
 
 
@@ -53,6 +57,10 @@ def shard_name(index: int, num_shards: int) -> str:
 
 def stats_name(index: int, num_shards: int) -> str:
     return f".shard-{index:05d}-of-{num_shards:05d}.json"
+
+
+def pending_name(index: int, num_shards: int) -> str:
+    return f".{shard_name(index, num_shards)}.pending.tmp"
 
 
 def empty_stats() -> dict:
@@ -81,11 +89,12 @@ def add_stats(total: dict, shard: dict) -> dict:
 _worker = {}
 
 
-def init_worker(reader, caption_file, progress) -> None:
+def init_worker(reader, caption_file, progress, pending: bool = False) -> None:
     """Pool initializer: the input reader, the CaptionFile (or None) and a progress counter.
 
     `progress` is a multiprocessing Value (items done, summed over workers, polled by the main
     process) or, in the main process, a callable taking the number of items just done.
+    `pending`: leave finished shards under pending_name, for text_writer to commit.
     """
     if not callable(progress):
         value = progress
@@ -94,7 +103,7 @@ def init_worker(reader, caption_file, progress) -> None:
             with value.get_lock():
                 value.value += n
 
-    _worker.update(reader=reader, captions=caption_file, progress=progress)
+    _worker.update(reader=reader, captions=caption_file, progress=progress, pending=pending)
 
 
 def write_shard(task) -> dict:
@@ -122,7 +131,8 @@ def write_shard(task) -> dict:
     with open(stats_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(stats, f)
     os.replace(stats_path + ".tmp", stats_path)
-    os.replace(temp, os.path.join(out_dir, name))  # the commit point
+    final = pending_name(index, num_shards) if _worker.get("pending") else name
+    os.replace(temp, os.path.join(out_dir, final))  # the commit point (unless pending)
     return stats
 
 

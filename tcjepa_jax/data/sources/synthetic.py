@@ -11,4 +11,5 @@ def make(input_cfg, split: str) -> SyntheticScenes:
         size=input_cfg.get("synthetic_size", 1_000_000),
         min_objects=input_cfg.get("min_objects", 1),
         max_objects=input_cfg.get("max_objects", 4),
+        object_scale=input_cfg.get("object_scale", 1.0),
     )
