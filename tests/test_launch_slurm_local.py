@@ -359,6 +359,7 @@ def tokenizer_path(tmp_path_factory):
     return test_train.tokenizer_path.__wrapped__(tmp_path_factory)
 
 
+@pytest.mark.slow  # two processes training; tests/test_multihost.py covers the two-host step
 def test_local_sh_trains_two_processes(tokenizer_path, tmp_path):
     """2 processes x 4 CPU devices, 4 steps of a tiny config: 50 to 90 s on 2 busy cores, most of
     it start-up and the two processes compiling the step at once."""

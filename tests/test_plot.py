@@ -116,6 +116,7 @@ def test_unrolled_predictor_inverts_the_scanned_layout():
         assert plot.unrolled_predictor(tree) is tree
 
 
+@pytest.mark.slow  # a second training run; test_all_figures_of_a_tcjepa_run covers the figures
 def test_ijepa_run_skips_the_o_map_from_the_command_line(tokenizer_path, tmp_path):
     config = test_train.tiny_config(tokenizer_path)
     config.total_steps, config.checkpoint_every, config.optim.warmup_steps = 1, 1, 0

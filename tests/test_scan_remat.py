@@ -41,7 +41,9 @@ def test_remat_policies_change_memory_not_math(policy):
 # ----------------------------------------------------------------------------- nn.scan
 
 
-@pytest.mark.parametrize("conditioning", ["all", "first", "none"])
+# "all" is the slowest (both conditioned layers); "first" covers the conditioner under scan.
+@pytest.mark.parametrize("conditioning", [pytest.param("all", marks=pytest.mark.slow),
+                                          "first", "none"])
 def test_scanned_layers_match_unrolled(conditioning):
     """Scanned models, given the unrolled parameters restacked, compute the same loss and
     gradients as the unrolled ones (encoder, predictor and text encoder)."""

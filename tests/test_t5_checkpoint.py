@@ -191,7 +191,7 @@ def test_setup_refuses_before_compiling(hf_folder, tmp_path):
         setup(config, str(tmp_path / "c"), with_data=False)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_train_from_checkpoint(hf_folder, tmp_path, monkeypatch, scan):
     """The initial state holds the HF weights; two train steps run on them (scanned layers:
     the quicker compile)."""

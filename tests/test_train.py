@@ -384,6 +384,7 @@ def test_cli_user_error_has_no_traceback(tmp_path):
 
 # ---- bf16 compute ---------------------------------------------------------------------------
 
+@pytest.mark.slow  # a third compile of the tiny model; tests/test_models.py checks bf16 dtypes
 def test_bf16_compute_keeps_float32_parameters(tokenizer_path, host_batches):
     """bf16 activations, float32 parameters and optimizer state, and a loss close to float32's."""
     losses = {}
