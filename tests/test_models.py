@@ -305,6 +305,7 @@ def test_predictor_first_and_caption_modes():
         small_predictor("sometimes").init(KEY, **inp)
 
 
+@pytest.mark.slow  # CI time; bf16 training is covered by test_train (slow) and the aot tests
 def test_predictor_t_scale_bf16_dtypes():
     inp = make_inputs(b=2, k=2, nc=6, nt=3, n=2, s=4, enc=192, dt=64)
     model = Predictor(enc_width=192, width=192, depth=2, num_heads=3, dtype=jnp.bfloat16)
@@ -316,6 +317,7 @@ def test_predictor_t_scale_bf16_dtypes():
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves((pred, aux)))
 
 
+@pytest.mark.slow  # the B/16 smoke test (CI time); mu- and tiny-sized models cover the math
 def test_b16_forward_backward_finite():
     cfg = vit_config("B/16")
     enc = VisionTransformer(**cfg)

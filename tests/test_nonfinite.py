@@ -197,6 +197,7 @@ def test_skip_one_bad_step(tokenizer_path, tmp_path, monkeypatch, keep_sigterm_h
         "total": 1, "in_a_row": 0, "stop_step": 0}
 
 
+@pytest.mark.slow  # CI time; test_skip_one_bad_step and test_stop cover the counters
 def test_skip_too_many_in_a_row(tokenizer_path, tmp_path, monkeypatch, keep_sigterm_handler):
     """max_skips_in_a_row=2: bad steps 3 and 4 end the run before step 4 is saved."""
     config = _config(tokenizer_path, "skip")
