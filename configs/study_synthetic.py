@@ -44,9 +44,10 @@ RECIPE = {
     "probe.grounding_images": 100,
 }
 # Sized so the full study (15 arms x 3 seeds = 45 runs, two at a time) fits in about 90 minutes
-# on 2 CPU cores: a TC-JEPA run of 200 steps takes about 4.5 minutes with its evaluations, an
-# I-JEPA one about 3 (docs/study.md has the measured wall time).
-STEPS = 200             # training steps of every run
+# on 2 CPU cores: measured with two runs at a time, a TC-JEPA run takes about 6 minutes at 200
+# steps (startup and compile 0.6, 1.4 s per step, evaluations 0.7), an I-JEPA run 3.5; so 150
+# steps. docs/study.md has the study's measured wall time.
+STEPS = 150             # training steps of every run
 PROBE_POINTS = 2        # evaluations per run (the last at the end): probe-vs-time curves
 SEEDS = (0, 1, 2)
 GROUPS = ("main", "ablations", "control", "mask_scales", "penalties")
