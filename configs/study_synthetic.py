@@ -12,8 +12,9 @@ PROBE_POINTS times, evenly spaced, so the report can compare arms at equal steps
 training time. Re-running the sweep command skips finished runs and resumes unfinished ones.
 docs/study.md (written by the report) has the results; this file decides what runs.
 
-Arguments (comma separated): `quick` (QUICK: fewer seeds, arms and steps, about 15 minutes on
-2 CPU cores); `groups=a+b` runs only those arm groups (e.g. `groups=main+penalties`);
+Arguments (comma separated): `quick` (QUICK: fewer seeds and arms, about 12 minutes on 2 CPU
+cores: the full study's runs of the same arms and seeds took 23 minutes of run time, two at a
+time); `groups=a+b` runs only those arm groups (e.g. `groups=main+penalties`);
 `seeds=N` the first N seeds.
 """
 
@@ -52,7 +53,7 @@ PROBE_POINTS = 2        # evaluations per run (the last at the end): probe-vs-ti
 SEEDS = (0, 1, 2)
 GROUPS = ("main", "ablations", "control", "mask_scales", "penalties")
 
-# `:quick`: what the 15-minute variant cuts. Two seeds instead of three, and only TC-JEPA,
+# `:quick`: what the 12-minute variant cuts. Two seeds instead of three, and only TC-JEPA,
 # I-JEPA and the shuffled-caption control (no ablations, mask scales, penalties).
 QUICK = {"seeds": (0, 1), "steps": STEPS, "groups": ("main", "control")}
 

@@ -248,7 +248,7 @@ def write_report(root: str, config_arg: str, out: str, images: str = "") -> str:
         "## How to run it\n",
         "One sweep, then this report (re-run the sweep after an interruption: finished runs "
         "are skipped, unfinished ones resume from their last checkpoint):\n",
-        f"    python launch/sweep.py --config={quick} --max_parallel=2     # ~15 min (the target)\n"
+        f"    python launch/sweep.py --config={quick} --max_parallel=2     # the quick variant\n"
         f"    python -m tcjepa_jax.tools.study_report --config={quick} --out={out}\n\n"
         f"The full study: the same two commands with `--config={quick[:-6]}`. "
         "configs/study_synthetic.py holds the recipe, the seeds, the steps and the arms "
