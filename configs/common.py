@@ -50,6 +50,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.profile = ml_collections.ConfigDict()
     config.profile.first_step = 0
     config.profile.num_steps = 0
+    # Python calls in the trace: jax's Python tracer hooks every thread of the process, and
+    # with it on a CI run once crashed (segfault) inside the trace window; off, the trace still
+    # has the host and device timelines.
+    config.profile.python_tracer = False
 
     # ---- Input (docs/data.md) -----------------------------------------------------------------
     config.input = ml_collections.ConfigDict()

@@ -111,6 +111,7 @@ FIELDS = {
     "peak_flops_per_device": _num(0, hint="FLOP/s; 0 takes the chip's from chips.py"),
     "profile.first_step": _int(0),
     "profile.num_steps": _int(0, hint="0 turns profiling off"),
+    "profile.python_tracer": _BOOL,
     "input.source": _choice(available_sources),
     "input.split": _NONEMPTY,
     "input.data_dir": _STR,

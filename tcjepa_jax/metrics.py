@@ -60,11 +60,13 @@ class Profiler:
         self.last = self.first + int(profile.get("num_steps", 0)) - 1
         self.enabled = self.last >= self.first > 0 and jax.process_index() == 0
         self.log_dir = os.path.join(workdir, "tensorboard")
+        self.options = jax.profiler.ProfileOptions()
+        self.options.python_tracer_level = int(bool(profile.get("python_tracer", False)))
         self.active = False
 
     def before(self, step: int):
         if self.enabled and step == self.first:
-            jax.profiler.start_trace(self.log_dir)
+            jax.profiler.start_trace(self.log_dir, profiler_options=self.options)
             self.active = True
 
     def after(self, step: int, state):

@@ -194,9 +194,10 @@ def _probes(step: int, shift: float, conditioned: bool, prefix: str = "eval") ->
     return out
 
 
-def _fake_run(workdir, conditioned: bool, shift: float, steps: int = 4):
+def _fake_run(workdir, conditioned: bool, shift: float, steps: int = 4, step_time=None):
     """A finished run's files as train.py writes them: TensorBoard scalars, evals/step_N.json
-    every 2 steps, final_metrics.json. TC-JEPA steps take 0.5 s, I-JEPA's 0.3 s."""
+    every 2 steps, final_metrics.json. TC-JEPA steps take 0.5 s, I-JEPA's 0.3 s (or
+    `step_time`)."""
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(str(workdir / "tensorboard"))
     scalars = {}
@@ -206,7 +207,7 @@ def _fake_run(workdir, conditioned: bool, shift: float, steps: int = 4):
         if conditioned:
             scalars.update({"o_frac_pos/layer0": 0.5 / step, "o_mean/layer0": 0.1 / step})
         if step > 1:
-            scalars["step_time_s"] = 0.5 if conditioned else 0.3
+            scalars["step_time_s"] = step_time or (0.5 if conditioned else 0.3)
         for key, value in scalars.items():
             writer.add_scalar(key, value, step, walltime=1000.0 + step)
     writer.close()
@@ -258,6 +259,29 @@ def test_report_turns_runs_into_tables_and_plots(tokenizer_path, tmp_path):
         path = out.parent / "images" / "study" / f"{name}.png"
         assert path.stat().st_size > 10_000, path
         assert f"(images/study/{name}.png)" in text
+
+
+def test_equal_time_budget_is_the_shortest_run_so_every_seed_reaches_it(tokenizer_path,
+                                                                         tmp_path):
+    """Seeds of one arm can differ in speed: the budget is the fastest-finishing run's training
+    time (here I-JEPA seed 1: 4 steps x 0.25 s), not an arm's mean, so no seed's curve ends
+    before it and every cell keeps all its seeds."""
+    config = _write_study_config(tmp_path, tokenizer_path)
+    root = tmp_path / "runs"
+    for name, conditioned, step_time in ((TC[0], True, 0.5), (TC[1], True, 0.45),
+                                         (IJ[0], False, 0.3), (IJ[1], False, 0.25)):
+        _fake_run(root / name, conditioned, 0.0, step_time=step_time)
+    study = study_report.Study(str(root), config)
+    assert study.time_budget() == pytest.approx(1.0)
+    text = study_report.section_equal_time(study)
+    assert "read at 1 s" in text
+    # I-JEPA at 1.0 s: seed 1 at its last evaluation (0.5); seed 0 between its evaluations at
+    # 0.6 s (0.4) and 1.2 s (0.5), 0.467. TC-JEPA: seed 0 at its step 2 (0.4); seed 1 between
+    # 0.9 s (0.4) and 1.8 s (0.5), 0.411.
+    table = text.split("Paired by seed")[0]
+    assert "| `i_jepa` | 4 | 0.483 ± 0.024 |" in table
+    assert "| `tc_jepa` | 2 | 0.406 ± 0.008 |" in table
+    assert "(n=" not in text
 
 
 @pytest.mark.slow  # a real training with every evaluator: about a minute of CPU
