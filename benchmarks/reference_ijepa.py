@@ -9,7 +9,11 @@ the step of its src/train.py: target forward without gradient + LayerNorm, conte
 predictor, smooth-L1, AdamW, EMA; random images. Ours: tcjepa_jax.step's train step on the same
 model and batch in I-JEPA mode (model.conditioning="none"), masks.max_context/max_target set to
 the mean lengths the reference's collator produced (the same tokens per image), and in TC-JEPA
-mode (4 captions of 24 tokens, tiny T5). The steps are timed in turns, one of each per round,
+mode (4 captions of 24 tokens, tiny T5): with T5 in the step; with precomputed text features
+(model.text_features="precomputed": random features of T5's shape in the batch, no T5 forward);
+and "lean": precomputed features, cond_mlp="after_pool" and cond_pool="attention", the options
+under the 1.3x FLOPs target at paper scale (docs/performance.md).
+The steps are timed in turns, one of each per round,
 so a change of load on the machine hits all alike. GFLOP/img counts matmuls for both (torch's
 FlopCounterMode; the dot_generals of our step's jaxpr), "% peak" is against a matmul peak
 measured in this process per framework; XLA's cost analysis (elementwise work too) is beside it.
@@ -44,7 +48,9 @@ def parse_args(argv=None):
                    help="our context cap; -1: the reference's mean length (0 without it)")
     p.add_argument("--max_target", type=int, default=-1,
                    help="our cap per target block; -1: the reference's mean (0 without it)")
-    p.add_argument("--no_tc", action="store_true", help="skip TC-JEPA mode")
+    p.add_argument("--no_tc", action="store_true", help="skip TC-JEPA mode (both rows)")
+    p.add_argument("--no_precomputed", action="store_true",
+                   help="skip the TC-JEPA rows with precomputed text features")
     p.add_argument("--peak_size", type=int, default=2048, help="matrix side of the peak test")
     return p.parse_args(argv)
 
@@ -188,13 +194,17 @@ def jaxpr_matmul_flops(jaxpr) -> float:
 class Ours:
     framework = "jax"
 
-    def __init__(self, args, heads, conditioning, max_context, max_target, workdir):
+    def __init__(self, args, heads, conditioning, max_context, max_target, workdir,
+                 variant=""):
         import jax
+        import ml_dtypes
+        import numpy as np
         from configs import synthetic_tiny
         from tcjepa_jax import optim, sharding as shard_lib, step as step_lib
         from tcjepa_jax.data import pipeline
         from tcjepa_jax.experiment import setup
-        self.name = f"ours, {'I-JEPA' if conditioning == 'none' else 'TC-JEPA'} mode"
+        self.name = (f"ours, {'I-JEPA' if conditioning == 'none' else 'TC-JEPA'} mode"
+                     if not variant else f"ours, TC-JEPA {variant}")
         self.jax = jax
         c = synthetic_tiny.get_config()
         c.batch_size, c.total_steps, c.input.image_size = args.batch, 1000, args.image_size
@@ -205,12 +215,27 @@ class Ours:
         c.model.predictor_heads = heads  # as the reference: the encoder's
         c.model.text, c.model.dtype, c.model.conditioning = "tiny", "float32", conditioning
         c.probe.enabled = False
+        # The synthetic data and the tokenizer come from the config with T5 in the step (the
+        # config checks want stored features for "precomputed"); the model from the other.
         mesh, tokenizer, models, source = setup(c, workdir)
+        data = pipeline.make_train_iterator(c, tokenizer, models.mask_spec, source=source)
+        local = next(data)
+        if variant:
+            c = c.copy_and_resolve_references()
+            c.model.text_features = "precomputed"
+            if variant == "lean":
+                c.model.cond_mlp, c.model.cond_pool = "after_pool", "attention"
+            models = step_lib.build_models(c, models.text.vocab_size)
+            # Random features where the words are, zeros at padding, in make_dataset's
+            # default storage dtype: what the step reads instead of running T5.
+            shape = local["text_ids"].shape + (models.text.width,)
+            features = np.random.default_rng(0).standard_normal(shape, np.float32)
+            local["text_features"] = (features * local["text_mask"][..., None]).astype(
+                ml_dtypes.bfloat16)
         tx = optim.make_optimizer(c)
         shardings = step_lib.state_shardings(models, c, tx, mesh)
         self.state = step_lib.create_train_state(models, c, tx, shardings)
-        data = pipeline.make_train_iterator(c, tokenizer, models.mask_spec, source=source)
-        self.batch = shard_lib.make_global_batch(next(data), shard_lib.batch_sharding(mesh))
+        self.batch = shard_lib.make_global_batch(local, shard_lib.batch_sharding(mesh))
         step = step_lib.jit_train_step(step_lib.make_train_step(models, c, tx, mesh),
                                        shardings, mesh)
         traced = step.trace(self.state, self.batch)
@@ -267,8 +292,12 @@ def main(argv=None):
               "ijepa, then --ijepa_dir=ijepa)")
     caps = [max(c, 0) for c in caps]
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("none",) if args.no_tc else ("none", "all"):
-            run = Ours(args, heads, mode, caps[0], caps[1], tmp)
+        modes = [("none", "")]  # (conditioning, TC-JEPA variant)
+        if not args.no_tc:
+            modes += [("all", "")] + ([] if args.no_precomputed else
+                                      [("all", "precomputed"), ("all", "lean")])
+        for mode, variant in modes:
+            run = Ours(args, heads, mode, caps[0], caps[1], tmp, variant)
             for _ in range(args.warmup):
                 run.step()
             runs.append(run)
@@ -319,9 +348,10 @@ def report(args, runs, times, peaks, caps, load, vit):
         print(f"ours I-JEPA / reference: images/s x{rate[ours[0].name] / ref_rate:.2f}, "
               f"matmul FLOPs x{ours[0].flops / runs[0].flops:.2f}, tokens per image "
               f"ctx x{oc / rc:.2f} tgt x{ot / rt:.2f}")
-    if len(ours) == 2:
-        ij, tc = ours
-        print(f"TC-JEPA / I-JEPA (ours): step time x{rate[ij.name] / rate[tc.name]:.2f}, matmul "
+    ij = ours[0]
+    for tc in ours[1:]:
+        label = tc.name.replace("ours, ", "").replace(" mode", "")
+        print(f"{label} / I-JEPA (ours): step time x{rate[ij.name] / rate[tc.name]:.2f}, matmul "
               f"FLOPs x{tc.flops / ij.flops:.2f}, XLA FLOPs x{tc.xla_flops / ij.xla_flops:.2f}")
 
 

@@ -36,6 +36,11 @@ def test_ours_only_without_a_checkout():
     assert "reference skipped: no --ijepa_dir" in out
     assert "ours, I-JEPA mode" in out and "ours, TC-JEPA mode" in out
     assert "TC-JEPA / I-JEPA (ours): step time x" in out
+    # The TC-JEPA row without T5 in the step: features in the batch, fewer FLOPs than with T5.
+    assert "ours, TC-JEPA precomputed" in out and "ours, TC-JEPA lean" in out
+    ratios = {line.split(" / I-JEPA")[0]: float(line.split("matmul FLOPs x")[1].split(",")[0])
+              for line in out.splitlines() if " / I-JEPA (ours)" in line}
+    assert ratios["TC-JEPA lean"] < ratios["TC-JEPA precomputed"] < ratios["TC-JEPA"]
     # Without the reference the caps are the exact bounds (0).
     assert "masks.max_context=0, masks.max_target=0" in out
 
