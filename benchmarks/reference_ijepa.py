@@ -48,7 +48,7 @@ def parse_args(argv=None):
                    help="our context cap; -1: the reference's mean length (0 without it)")
     p.add_argument("--max_target", type=int, default=-1,
                    help="our cap per target block; -1: the reference's mean (0 without it)")
-    p.add_argument("--no_tc", action="store_true", help="skip TC-JEPA mode (both rows)")
+    p.add_argument("--no_tc", action="store_true", help="skip every TC-JEPA row")
     p.add_argument("--no_precomputed", action="store_true",
                    help="skip the TC-JEPA rows with precomputed text features")
     p.add_argument("--peak_size", type=int, default=2048, help="matrix side of the peak test")
@@ -197,7 +197,6 @@ class Ours:
     def __init__(self, args, heads, conditioning, max_context, max_target, workdir,
                  variant=""):
         import jax
-        import ml_dtypes
         import numpy as np
         from configs import synthetic_tiny
         from tcjepa_jax import optim, sharding as shard_lib, step as step_lib
@@ -226,12 +225,13 @@ class Ours:
             if variant == "lean":
                 c.model.cond_mlp, c.model.cond_pool = "after_pool", "attention"
             models = step_lib.build_models(c, models.text.vocab_size)
-            # Random features where the words are, zeros at padding, in make_dataset's
-            # default storage dtype: what the step reads instead of running T5.
-            shape = local["text_ids"].shape + (models.text.width,)
+            # Random features where the words are, zeros at padding, in the width and dtype
+            # the step expects (dummy_batch's): what it reads instead of running T5.
+            template = step_lib.dummy_batch(models, c)["text_features"]
+            shape = local["text_ids"].shape + template.shape[-1:]
             features = np.random.default_rng(0).standard_normal(shape, np.float32)
             local["text_features"] = (features * local["text_mask"][..., None]).astype(
-                ml_dtypes.bfloat16)
+                template.dtype)
         tx = optim.make_optimizer(c)
         shardings = step_lib.state_shardings(models, c, tx, mesh)
         self.state = step_lib.create_train_state(models, c, tx, shardings)

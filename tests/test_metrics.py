@@ -15,7 +15,7 @@ from tcjepa_jax import flops as flops_lib
 from tcjepa_jax import optim
 from tcjepa_jax import sharding as shard_lib
 from tcjepa_jax import step as step_lib
-from tcjepa_jax.metrics import Progress
+from tcjepa_jax.metrics import Profiler, Progress
 
 import test_train  # the tiny config and the compile cache its programs live in
 
@@ -44,6 +44,16 @@ def test_peak_from_chip_table_or_config():
     class Cpu:
         device_kind = "cpu"
     assert chips.peak_flops({}, Cpu()) is None
+
+
+def test_profiler_python_tracer_is_off_unless_asked(tmp_path):
+    """jax's Python tracer hooks every thread (a suspect in a crash inside the trace window):
+    the trace is taken without it unless profile.python_tracer says otherwise."""
+    config = test_train.synthetic_tiny.get_config("smoke")
+    config.profile.first_step, config.profile.num_steps = 2, 1
+    assert Profiler(config, str(tmp_path)).options.python_tracer_level == 0
+    config.profile.python_tracer = True
+    assert Profiler(config, str(tmp_path)).options.python_tracer_level == 1
 
 
 @pytest.fixture(scope="module")
