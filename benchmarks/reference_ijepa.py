@@ -17,6 +17,9 @@ The steps are timed in turns, one of each per round,
 so a change of load on the machine hits all alike. GFLOP/img counts matmuls for both (torch's
 FlopCounterMode; the dot_generals of our step's jaxpr), "% peak" is against a matmul peak
 measured in this process per framework; XLA's cost analysis (elementwise work too) is beside it.
+--host_malloc sets glibc's malloc for the whole process, so for both frameworks alike
+(tcjepa_jax/host_memory.py; "reuse" is the trainer's default); "faults" is the minor page
+faults per step, the cost that setting removes.
 Without --ijepa_dir only ours runs, with the caps of --max_context / --max_target.
 """
 
@@ -52,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--no_precomputed", action="store_true",
                    help="skip the TC-JEPA rows with precomputed text features")
     p.add_argument("--peak_size", type=int, default=2048, help="matrix side of the peak test")
+    p.add_argument("--host_malloc", default="reuse", choices=("reuse", "system"),
+                   help="glibc malloc of the process, both frameworks (tcjepa_jax/host_memory.py)")
     return p.parse_args(argv)
 
 
@@ -270,6 +275,8 @@ def main(argv=None):
     os.environ["NPROC"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, REPO)
+    from tcjepa_jax import host_memory
+    host_memory.configure(args.host_malloc)  # before either framework starts its threads
     import torch
     torch.set_num_threads(args.threads)
     from tcjepa_jax.models.vit import VIT_SIZES
@@ -304,13 +311,19 @@ def main(argv=None):
     # Each framework's matmul peak, then the steps in turns: one of each per round.
     peaks = {f: run.peak(args.peak_size) for f, run in {r.framework: r for r in runs}.items()}
     load = os.getloadavg()[0]
-    times = {run.name: [] for run in runs}  # (wall, CPU of the whole process) seconds
+    times = {run.name: [] for run in runs}  # (wall, CPU of the process) seconds, minor faults
     for _ in range(args.steps):
         for run in runs:
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, f0 = time.perf_counter(), time.process_time(), _minor_faults()
             run.step()
-            times[run.name].append((time.perf_counter() - t0, time.process_time() - c0))
+            times[run.name].append((time.perf_counter() - t0, time.process_time() - c0,
+                                    _minor_faults() - f0))
     report(args, runs, times, peaks, caps, load, (width, depth, heads))
+
+
+def _minor_faults() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def report(args, runs, times, peaks, caps, load, vit):
@@ -320,23 +333,24 @@ def report(args, runs, times, peaks, caps, load, vit):
     print(f"\n{args.model} ({vit[0]}x{vit[1]}, {vit[2]} heads) /{args.patch}, {args.image_size} px, "
           f"batch {args.batch}, predictor {args.pred_depth}x{args.pred_width}, float32, "
           f"{args.threads} threads; {args.steps} timed steps of each in turns after "
-          f"{args.warmup} warm-up; jax {jax.__version__}, torch {torch.__version__}")
+          f"{args.warmup} warm-up; host_malloc {args.host_malloc}; jax {jax.__version__}, "
+          f"torch {torch.__version__}")
     print(f"{os.cpu_count()} CPUs, 1-min load average {load:.1f} before timing, "
           f"{os.getloadavg()[0]:.1f} after; matmul peak ({args.peak_size}^2 f32, median): "
           + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
-    print(f"{'':28s} {'img/s':>6s} {'step s':>6s} {'(min-max)':>12s} {'CPU s':>6s} "
+    print(f"{'':28s} {'img/s':>6s} {'step s':>6s} {'(min-max)':>12s} {'CPU s':>6s} {'faults':>7s} "
           f"{'ctx tok':>7s} {'tgt tok':>7s} {'matmul GFLOP/img':>16s} {'% peak':>6s} "
           f"{'XLA GFLOP/img':>13s}")
     rate = {}
     for run in runs:
-        wall, cpu = zip(*times[run.name])
+        wall, cpu, faults = zip(*times[run.name])
         med = statistics.median(wall)
         rate[run.name] = args.batch / med
         ctx, tgt = run.tokens()
         peak = peaks[run.framework]
         xla = f"{run.xla_flops / 1e9:13.2f}" if isinstance(run, Ours) else f"{'-':>13s}"
         print(f"{run.name:28s} {rate[run.name]:6.2f} {med:6.2f} {min(wall):5.2f}-{max(wall):<6.2f} "
-              f"{statistics.median(cpu):6.2f} {ctx:7.1f} {tgt:7.1f} {run.flops / 1e9:16.2f} "
+              f"{statistics.median(cpu):6.2f} {statistics.median(faults):7.0f} {ctx:7.1f} {tgt:7.1f} {run.flops / 1e9:16.2f} "
               f"{run.flops * args.batch / med / peak:6.1%} {xla}")
     ours = [r for r in runs if isinstance(r, Ours)]
     print(f"ours: valid tokens per image (ctx, tgt) {ours[0].valid[0]:.1f}, {ours[0].valid[1]:.1f} "

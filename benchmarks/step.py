@@ -52,6 +52,7 @@ from absl import app, flags  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from tcjepa_jax import host_memory  # noqa: E402
 from tcjepa_jax import flops as flops_lib  # noqa: E402
 from tcjepa_jax import optim, step as step_lib, sharding as shard_lib  # noqa: E402
 from tcjepa_jax.config_lib import DEFAULT_CONFIG, validate_config  # noqa: E402
@@ -377,6 +378,7 @@ def compare(config, steps: int) -> dict:
 def main(argv):
     del argv
     config = _CONFIG.value
+    host_memory.configure(config.get("host_malloc", "reuse"))  # as the trainer does
     paper_only = _PAPER.value
     run_breakdown = _BREAKDOWN.value and (not paper_only or flags.FLAGS["breakdown"].present)
     run_compare = _COMPARE.value and (not paper_only or flags.FLAGS["compare"].present)

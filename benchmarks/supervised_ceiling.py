@@ -27,6 +27,7 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from tcjepa_jax import host_memory  # noqa: E402
 from tcjepa_jax import step as step_lib  # noqa: E402
 from tcjepa_jax.evaluators._features import load_split, tasks_of  # noqa: E402
 
@@ -51,6 +52,7 @@ def init_params(encoder, tasks, classes, image):
 def main(argv):
     del argv
     config = _CONFIG.value
+    host_memory.configure(config.get("host_malloc", "reuse"))  # as the trainer does
     tasks = list(tasks_of(config))
     train = load_split(config, config.probe.get("train_split", "train"), config.probe.num_train)
     test = load_split(config, config.probe.get("test_split", "test"), config.probe.num_test)

@@ -23,6 +23,7 @@ from tcjepa_jax.caption_control import CAPTION_CONTROLS
 from tcjepa_jax.data.sources import available_sources
 from tcjepa_jax.data.synthetic import NUM_CLASSES
 from tcjepa_jax.data.text_features import MODES as TEXT_FEATURE_MODES
+from tcjepa_jax.host_memory import HOST_MALLOC
 from tcjepa_jax.models.attention import ATTENTION_IMPLS
 from tcjepa_jax.models.layers import REMAT_POLICIES
 from tcjepa_jax.models.penalties import PENALTIES
@@ -112,6 +113,7 @@ FIELDS = {
     "profile.first_step": _int(0),
     "profile.num_steps": _int(0, hint="0 turns profiling off"),
     "profile.python_tracer": _BOOL,
+    "host_malloc": _choice(HOST_MALLOC),
     "input.source": _choice(available_sources),
     "input.split": _NONEMPTY,
     "input.data_dir": _STR,

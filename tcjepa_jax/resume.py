@@ -31,7 +31,7 @@ RESTART_SAFE = (
     "name", "log_every", "checkpoint_every", "keep_checkpoints", "keep_period",
     "peak_flops_per_device", "profile", "monitor", "probe", "mesh", "mesh_slices",
     "sharding_rules", "grad_accum", "model.remat", "model.scan_layers", "input.workers",
-    "input.num_threads", "input.prefetch", "nonfinite", "init_from",
+    "input.num_threads", "input.prefetch", "nonfinite", "init_from", "host_malloc",
     # Other ways to compute the same step (docs/method.md, section 9).
     "model.cond_attention", "model.text_pack_rows", "model.attention",
 )

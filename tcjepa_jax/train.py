@@ -20,6 +20,7 @@ from tcjepa_jax import chips
 from tcjepa_jax import distributed
 from tcjepa_jax import evaluation
 from tcjepa_jax import flops as flops_lib
+from tcjepa_jax import host_memory
 from tcjepa_jax import monitors
 from tcjepa_jax import optim
 from tcjepa_jax import paths
@@ -56,6 +57,8 @@ def train(config, workdir: str, allow_config_change: bool = False) -> dict:
     allow_config_change: resume even if the checkpoint's config differs in fields that change
     the experiment (resume.py).
     """
+    # Before the CPU backend starts its threads (host_memory.py).
+    host_memory.configure(config.host_malloc)
     workdir = paths.absolute(workdir)
     paths.makedirs(workdir)
     logging.info("Run %s in %s.", config.name, workdir)
