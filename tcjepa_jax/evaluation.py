@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 
 from tcjepa_jax import checkpoint as ckpt_lib
-from tcjepa_jax import evaluators, optim, paths
+from tcjepa_jax import evaluators, host_memory, optim, paths
 from tcjepa_jax import step as step_lib
 from tcjepa_jax.config_lib import UserError
 from tcjepa_jax.evaluators import _features
@@ -197,6 +197,7 @@ def restore_encoder(workdir: str, step=None, encoder=None, with_model: bool = Fa
         {"checkpoint_every": 1, "keep_checkpoints": None}))
     step = ckpt_lib.existing_step(checkpointer.manager, checkpointer.directory, step)
     config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    host_memory.configure(config.get("host_malloc", "reuse"))  # as the run's trainer did
     if encoder:
         config.probe.encoder = encoder
     mesh, tokenizer, models, _ = setup(config, workdir, with_data=False)
