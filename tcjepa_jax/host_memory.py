@@ -14,7 +14,7 @@ reference_ijepa.py's): 640 thousand minor faults and 2.2 s of system time per 9.
     "system"  glibc's defaults (or whatever MALLOC_* environment variables say).
 
 It acts only where the C library is glibc (Linux); elsewhere "reuse" does nothing and says so
-once. It has to run before the XLA backend starts its threads (the arena limit applies to
+in the log. It has to run before the XLA backend starts its threads (the arena limit applies to
 threads that have not allocated yet), so train.py applies it first thing. On GPUs and TPUs the
 step's buffers are device memory, which this does not touch; what it changes there is that the
 host process (input pipeline, checkpoint copies) keeps its peak heap instead of returning it.
@@ -60,8 +60,9 @@ def configure(policy: str) -> bool:
         return False
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     # Each call returns 1 on success.
-    ok = all(libc.mallopt(param, value) == 1 for param, value in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
+    # All three are applied even if one is refused (a generator in all() would stop early).
+    ok = all([libc.mallopt(param, value) == 1 for param, value in (
+        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))])
     if not ok:
         logging.warning("host_malloc='reuse': glibc refused a mallopt setting; its defaults "
                         "stay in part.")

@@ -75,6 +75,7 @@ def test_train_applies_the_configured_policy_first(monkeypatch, tmp_path):
     monkeypatch.setattr(host_memory, "configure", record)
     config = synthetic_tiny.get_config()
     config.host_malloc = "system"
+    config.total_steps = 1  # if configure is not called, the failure comes after one step
     with pytest.raises(RuntimeError, match="stop here"):
         train_lib.train(config, str(tmp_path / "run"))
     assert seen == ["system"]
