@@ -134,7 +134,7 @@ FIELDS = {
     "input.seed": _SEED,
     "input.min_objects": _int(1, 9),
     "input.max_objects": _int(1, 9),
-    "input.object_scale": _num(0.25, 2.5),
+    "input.object_scale": _num(0.25, 2.25),  # synthetic.MAX_OBJECT_SCALE
     "input.workers": _int(0, hint="0 decodes in the training process"),
     "input.num_threads": _int(0),
     "input.prefetch": _int(0),

@@ -56,6 +56,14 @@ def test_synthetic_labels_match_captions():
                                                                       "color": len(synthetic.COLORS)}
 
 
+def test_largest_object_scale_draws_and_a_larger_one_is_refused():
+    src = synthetic.SyntheticScenes(max_objects=2, object_scale=synthetic.MAX_OBJECT_SCALE)
+    for i in range(40):  # the largest radius must still fit: placement used to fail above ~2.27
+        assert (1 + src[i]["label_shape"]) in src[i]["segmentation"]
+    with pytest.raises(ValueError, match="object_scale"):
+        synthetic.SyntheticScenes(object_scale=synthetic.MAX_OBJECT_SCALE + 0.1)
+
+
 # --- tokenizer -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,8 @@ _RGB = np.array([
 ], dtype=np.float32)
 SIZES = ("small", "large")
 _RADIUS = (0.12, 0.20)  # fraction of the image side, before a +-10% jitter
+# The largest radius, 0.20 * 1.1 * scale, must leave the object room inside the image (< 0.5).
+MAX_OBJECT_SCALE = 2.25
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _SPLIT_IDS = {"train": 0, "validation": 1, "val": 1, "test": 2}
 _SALT = 0x7C5E  # separates this generator's streams from other users of the same seed
@@ -119,8 +121,8 @@ class SyntheticScenes:
         self.size = int(size)
         self.min_objects = int(min_objects)
         self.max_objects = int(max_objects)
-        if not 0.25 <= object_scale <= 2.5:
-            raise ValueError(f"object_scale must be in [0.25, 2.5], got {object_scale}.")
+        if not 0.25 <= object_scale <= MAX_OBJECT_SCALE:
+            raise ValueError(f"object_scale must be in [0.25, {MAX_OBJECT_SCALE}], got {object_scale}.")
         self.object_scale = float(object_scale)
         self._split_id = _split_id(split)
         s = self.image_size
