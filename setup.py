@@ -32,7 +32,7 @@ setup(
         # 213 MB wheel, 684 MB installed); tests/test_aot.py compiles for TPU topologies with it
         # on any CPU host (tools/aot.py).
         # torch, timm, transformers and safetensors: the PyTorch export and T5 checkpoint tests.
-        "test": ["pytest>=8", "tensorflow-cpu", "tensorflow-datasets", "jax[tpu]>=0.10",
+        "test": ["pytest>=8", "pytest-xdist", "tensorflow-cpu", "tensorflow-datasets", "jax[tpu]>=0.10",
                  "torch>=2.3", "torchvision", "timm", "transformers", "safetensors",
                  "matplotlib"],
         "plot": ["matplotlib"],  # python -m tcjepa_jax.tools.plot

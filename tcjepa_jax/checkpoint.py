@@ -27,11 +27,31 @@ from absl import logging
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+from orbax.checkpoint._src.metadata import array_metadata_store  # no public alias
 
 from tcjepa_jax import paths
 from tcjepa_jax.config_lib import UserError
 
 ITEMS = ("state", "data", "config", "meta")
+
+# Orbax splits every replicated array among its replicas so that each writes a part, slicing it
+# with a jitted op compiled per shape. For the many small arrays of a train state (norms, biases)
+# that compile costs more than the write it shares out, so only arrays whose per-replica part
+# would be at least this large are split; smaller ones are written whole by one replica.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+_ARRAY_HANDLER_REGISTERED = False
+
+
+def _register_array_handler():
+    global _ARRAY_HANDLER_REGISTERED
+    if _ARRAY_HANDLER_REGISTERED:
+        return
+    _ARRAY_HANDLER_REGISTERED = True
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
+            array_metadata_store=array_metadata_store.Store()),  # as Orbax's default handler
+        override=True)
 
 
 class CheckpointError(UserError):
@@ -51,6 +71,7 @@ class Checkpointer:
             enable_async_checkpointing=True,
             cleanup_tmp_directories=True,   # what a save killed half-way left behind
         )
+        _register_array_handler()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._preempted = threading.Event()
 

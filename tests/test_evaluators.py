@@ -58,6 +58,25 @@ def test_image_level_evaluators_separate_easy_classes_and_are_at_chance_on_shuff
     assert abs(shuffled - 0.25) < 0.1, shuffled  # 4 balanced classes
 
 
+def test_feature_extraction_compiles_once_per_batch_shape():
+    """Every evaluation of a run (and the probe-training and test splits, padded to one batch
+    size) reuses the encoder's compiled forward pass; it used to be compiled on every call."""
+    import jax
+    from tcjepa_jax.models.vit import VisionTransformer
+    encoder = VisionTransformer(width=16, depth=1, num_heads=2, patch_size=8)
+    images = RNG.normal(size=(10, 16, 16, 3)).astype(np.float32)
+    params = [encoder.init(jax.random.key(seed), images[:1])["params"] for seed in (0, 1)]
+    _features.encode(encoder, params[0], images, batch_size=4)
+    compiled = _features._encode_batch._cache_size()
+    pooled, tokens = _features.encode(encoder, params[1], images[:7], batch_size=4)
+    _features.encode(VisionTransformer(width=16, depth=1, num_heads=2, patch_size=8),
+                     params[1], images, batch_size=4)  # an equal module: the same program
+    assert _features._encode_batch._cache_size() == compiled
+    expected = np.asarray(encoder.apply({"params": params[1]}, images[:7]))
+    np.testing.assert_allclose(tokens, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pooled, expected.mean(1), rtol=1e-5, atol=1e-6)
+
+
 def test_knn_votes_with_cosine_similarity_weights():
     x_train = np.array([[1, 0], [0.9, 0.1], [0, 1]], np.float32)
     y_train = np.array([0, 0, 1])

@@ -16,6 +16,7 @@ are resized (shorter side) and centre-cropped to `input.image_size`, never augme
 from __future__ import annotations
 
 import collections
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -142,16 +143,22 @@ def center_crop(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarr
     return image[top:top + size, left:left + size]
 
 
+# The encoder (a hashable flax module) is static: every evaluation of a run, and the train and
+# test splits, reuse one compiled program per batch shape instead of compiling it again.
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_batch(encoder, params, images):
+    return encoder.apply({"params": params}, images).astype(jnp.float32)
+
+
 def encode(encoder, params, images: np.ndarray, batch_size: int = 256):
     """(pooled (n, D), tokens (n, N, D)) of the frozen encoder, float32 numpy. The last batch is
     padded to the batch size so one program serves every batch."""
-    apply = jax.jit(lambda p, x: encoder.apply({"params": p}, x).astype(jnp.float32))
     tokens = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         pad = batch_size - len(chunk) if len(images) > batch_size else 0
         padded = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        tokens.append(np.asarray(apply(params, padded))[:len(chunk)])
+        tokens.append(np.asarray(_encode_batch(encoder, params, padded))[:len(chunk)])
     tokens = np.concatenate(tokens)
     return tokens.mean(1), tokens
 
