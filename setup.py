@@ -32,8 +32,8 @@ setup(
         # 213 MB wheel, 684 MB installed); tests/test_aot.py compiles for TPU topologies with it
         # on any CPU host (tools/aot.py).
         # torch, timm, transformers and safetensors: the PyTorch export and T5 checkpoint tests.
-        "test": ["pytest>=8", "pytest-xdist", "tensorflow-cpu", "tensorflow-datasets", "jax[tpu]>=0.10",
-                 "torch>=2.3", "torchvision", "timm", "transformers", "safetensors",
+        "test": ["pytest>=8", "pytest-xdist", "tensorflow-cpu", "tensorflow-datasets",
+                 "jax[tpu]>=0.10", "torch>=2.3", "torchvision", "timm", "transformers", "safetensors",
                  "matplotlib"],
         "plot": ["matplotlib"],  # python -m tcjepa_jax.tools.plot
         # gs:// workdirs: etils.epath (Orbax, our files) reads GCS through gcsfs, tensorboardX

@@ -14,6 +14,7 @@ A save that fails (disk full, permissions) raises CheckpointError: the run stops
 training on without checkpoints (docs/reliability.md).
 """
 
+import functools
 import json
 import os
 import shutil
@@ -39,14 +40,10 @@ ITEMS = ("state", "data", "config", "meta")
 # that compile costs more than the write it shares out, so only arrays whose per-replica part
 # would be at least this large are split; smaller ones are written whole by one replica.
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
-_ARRAY_HANDLER_REGISTERED = False
 
 
+@functools.cache  # once per process: Orbax logs a warning on every override
 def _register_array_handler():
-    global _ARRAY_HANDLER_REGISTERED
-    if _ARRAY_HANDLER_REGISTERED:
-        return
-    _ARRAY_HANDLER_REGISTERED = True
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(
             min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,

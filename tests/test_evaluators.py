@@ -8,6 +8,8 @@ from absl import logging
 from tcjepa_jax import evaluators, monitors
 from tcjepa_jax.evaluators import _features, dense, knn
 
+import test_train
+
 RNG = np.random.default_rng(0)
 
 
@@ -67,11 +69,11 @@ def test_feature_extraction_compiles_once_per_batch_shape():
     images = RNG.normal(size=(10, 16, 16, 3)).astype(np.float32)
     params = [encoder.init(jax.random.key(seed), images[:1])["params"] for seed in (0, 1)]
     _features.encode(encoder, params[0], images, batch_size=4)
-    compiled = _features._encode_batch._cache_size()
-    pooled, tokens = _features.encode(encoder, params[1], images[:7], batch_size=4)
-    _features.encode(VisionTransformer(width=16, depth=1, num_heads=2, patch_size=8),
-                     params[1], images, batch_size=4)  # an equal module: the same program
-    assert _features._encode_batch._cache_size() == compiled
+    with test_train.traced_functions() as traced:
+        pooled, tokens = _features.encode(encoder, params[1], images[:7], batch_size=4)
+        _features.encode(VisionTransformer(width=16, depth=1, num_heads=2, patch_size=8),
+                         params[1], images, batch_size=4)  # an equal module: the same program
+    assert traced == []
     expected = np.asarray(encoder.apply({"params": params[1]}, images[:7]))
     np.testing.assert_allclose(tokens, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pooled, expected.mean(1), rtol=1e-5, atol=1e-6)

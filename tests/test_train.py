@@ -8,6 +8,7 @@ programs compiled by the fixtures instead of compiling them again.
 """
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -68,6 +69,24 @@ def _event_listeners():
 
 def _events(name):
     return [fun for event, fun in _EVENTS if event == name]
+
+
+@contextlib.contextmanager
+def traced_functions():
+    """Names of the functions JAX traces inside the block: each is compiled, or loaded from the
+    persistent cache above (which a count of compilations would miss)."""
+    names = []
+
+    def listener(event, duration, **kwargs):
+        del duration
+        if event == TRACE_EVENT:
+            names.append(kwargs.get("fun_name", ""))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 # ---- Config and shared compiled work -------------------------------------------------------

@@ -122,7 +122,8 @@ class SyntheticScenes:
         self.min_objects = int(min_objects)
         self.max_objects = int(max_objects)
         if not 0.25 <= object_scale <= MAX_OBJECT_SCALE:
-            raise ValueError(f"object_scale must be in [0.25, {MAX_OBJECT_SCALE}], got {object_scale}.")
+            raise ValueError(f"object_scale must be in [0.25, {MAX_OBJECT_SCALE}], "
+                             f"got {object_scale}.")
         self.object_scale = float(object_scale)
         self._split_id = _split_id(split)
         s = self.image_size
