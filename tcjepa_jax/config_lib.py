@@ -47,6 +47,17 @@ def define_config_flag(default: str = DEFAULT_CONFIG,
         _config_flag_error(e)
 
 
+def define_config_dict_flag(name: str, default, help_text: str):
+    """A --NAME.KEY=VALUE flag over the ConfigDict `default` (types and names checked against
+    it; config_flags.get_override_values gives what the command line set), with the errors
+    of define_config_flag."""
+    from ml_collections import config_flags
+    try:
+        return config_flags.DEFINE_config_dict(name, default, help_text)
+    except _CONFIG_FLAG_ERRORS as e:
+        _config_flag_error(e)
+
+
 def config_value(flag):
     """The config of a define_config_flag flag; a file that failed to load is one message."""
     try:

@@ -34,7 +34,7 @@ import ml_collections
 from tcjepa_jax import checkpoint as ckpt_lib
 from tcjepa_jax import evaluators, host_memory, optim, paths
 from tcjepa_jax import step as step_lib
-from tcjepa_jax.config_lib import UserError
+from tcjepa_jax.config_lib import UserError, validate_config
 from tcjepa_jax.evaluators import _features
 from tcjepa_jax.experiment import setup
 
@@ -102,14 +102,22 @@ def run_evaluators(config, encoder, params, data: EvalData, prefix: str = "eval"
     return results
 
 
-def write_results(workdir: str, step: int, results: dict):
+# Re-evaluations with other probe settings write here, so that the run's own evals/step_N.json
+# (what the study report and the plots read) stay what training measured.
+OVERRIDES_DIR = "probe_overrides"
+
+
+def write_results(workdir: str, step: int, results: dict, probe_overrides=None):
     if jax.process_index() == 0:
-        paths.write_text(os.path.join(workdir, "evals", f"step_{step}.json"),
-                         json.dumps({"step": step, **results}, indent=2, sort_keys=True))
+        folder = ("evals",) + ((OVERRIDES_DIR,) if probe_overrides else ())
+        extra = {"probe_overrides": dict(probe_overrides)} if probe_overrides else {}
+        paths.write_text(os.path.join(workdir, *folder, f"step_{step}.json"),
+                         json.dumps({"step": step, **extra, **results}, indent=2,
+                                    sort_keys=True))
 
 
 def final_evaluation(config, workdir: str, models, params, step: int, trained=None,
-                     tokenizer=None) -> dict:
+                     tokenizer=None, probe_overrides=None) -> dict:
     """The evaluators on `params` and on the same encoder at initialisation; `trained`
     (model_params) and `tokenizer` serve the evaluators that read the model."""
     data = EvalData(config)
@@ -129,7 +137,7 @@ def final_evaluation(config, workdir: str, models, params, step: int, trained=No
     results.update(run_evaluators(config, models.encoder, init, data, prefix="eval_init",
                                   model=init_model))
     log_table(results)
-    write_results(workdir, step, results)
+    write_results(workdir, step, results, probe_overrides)
     return results
 
 
@@ -189,10 +197,12 @@ class PeriodicEvaluator:
 
 # ---- From a checkpoint (python -m tcjepa_jax.evaluate) -----------------------------------
 
-def restore_encoder(workdir: str, step=None, encoder=None, with_model: bool = False):
+def restore_encoder(workdir: str, step=None, encoder=None, with_model: bool = False,
+                    probe_overrides=None):
     """(config, models, step, encoder parameters) of a run's checkpoint; `with_model` appends
     (all trained parameters, tokenizer) when a configured evaluator reads the model, else
-    (None, None)."""
+    (None, None). `probe_overrides` ({field: value} of config.probe) replace the saved
+    config's probe settings, checked like a training config."""
     checkpointer = ckpt_lib.Checkpointer(workdir, ml_collections.ConfigDict(
         {"checkpoint_every": 1, "keep_checkpoints": None}))
     step = ckpt_lib.existing_step(checkpointer.manager, checkpointer.directory, step)
@@ -200,6 +210,7 @@ def restore_encoder(workdir: str, step=None, encoder=None, with_model: bool = Fa
     host_memory.configure(config.get("host_malloc", "reuse"))  # as the run's trainer did
     if encoder:
         config.probe.encoder = encoder
+    _override_probe(config, probe_overrides or {})
     mesh, tokenizer, models, _ = setup(config, workdir, with_data=False)
     tx = optim.make_optimizer(config)
     shardings = step_lib.state_shardings(models, config, tx, mesh)
@@ -220,9 +231,27 @@ def restore_encoder(workdir: str, step=None, encoder=None, with_model: bool = Fa
     return config, models, step, params
 
 
-def evaluate_checkpoint(workdir: str, step=None, encoder=None) -> dict:
+def _override_probe(config, overrides: dict):
+    if not overrides:
+        return
+    unknown = sorted(set(overrides) - set(config.probe))
+    if unknown:
+        raise UserError(f"probe overrides {unknown} are not fields of the saved config's probe "
+                        f"section (it has {sorted(config.probe)}).")
+    with config.unlocked():
+        config.probe.update(overrides)
+    try:
+        validate_config(config)
+    except ValueError as e:
+        raise UserError(f"with the probe overrides {overrides}: {e}") from None
+
+
+def evaluate_checkpoint(workdir: str, step=None, encoder=None, probe_overrides=None) -> dict:
+    """The configured evaluators on a checkpoint (module docstring); `probe_overrides`
+    ({field: value}, e.g. larger probe sets) write to evals/probe_overrides/step_N.json."""
     config, models, step, params, (trained, tokenizer) = restore_encoder(
-        workdir, step, encoder, with_model=True)
+        workdir, step, encoder, with_model=True, probe_overrides=probe_overrides)
     if not config.probe.get("evaluators"):
         raise UserError("config.probe.evaluators is empty: nothing to evaluate.")
-    return final_evaluation(config, workdir, models, params, step, trained, tokenizer)
+    return final_evaluation(config, workdir, models, params, step, trained, tokenizer,
+                            probe_overrides)

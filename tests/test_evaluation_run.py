@@ -4,12 +4,15 @@ JSON files, `python -m tcjepa_jax.evaluate` on a checkpoint, and the collapse wa
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from tcjepa_jax import evaluation
 from tcjepa_jax import monitors
 from tcjepa_jax import train as train_lib
+from tcjepa_jax.config_lib import UserError
 
 import test_train
 
@@ -57,6 +60,31 @@ def test_periodic_and_final_evaluations_and_the_evaluate_command(tokenizer_path,
     assert os.path.exists(os.path.join(workdir, "evals", "step_3.json"))
     with pytest.raises(Exception, match="no checkpoint of step 2"):
         evaluation.evaluate_checkpoint(workdir, step=2)
+
+    # Probe overrides: other settings for this evaluation only, written beside the run's evals.
+    with open(os.path.join(workdir, "evals", "step_4.json")) as f:
+        own = f.read()
+    overrides = {"evaluators": ("linear",), "num_train": 48, "tasks": ("color",)}
+    results = evaluation.evaluate_checkpoint(workdir, probe_overrides=overrides)
+    assert set(results) == {"eval/linear/color", "eval_init/linear/color"}
+    with open(os.path.join(workdir, "evals", "probe_overrides", "step_4.json")) as f:
+        written = json.load(f)
+    assert written["probe_overrides"]["num_train"] == 48 and written["step"] == 4
+    with open(os.path.join(workdir, "evals", "step_4.json")) as f:
+        assert f.read() == own
+    with pytest.raises(UserError, match="num_trian"):
+        evaluation.evaluate_checkpoint(workdir, probe_overrides={"num_trian": 48})
+    with pytest.raises(UserError, match="probe.num_train=0"):
+        evaluation.evaluate_checkpoint(workdir, probe_overrides={"num_train": 0})
+
+
+def test_evaluate_command_reports_a_misspelled_probe_field_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tcjepa_jax.evaluate", f"--workdir={tmp_path}",
+                           "--probe.num_trian=8000"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert 'Did you mean "num_train"' in proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow
