@@ -13,7 +13,8 @@ training time. Re-running the sweep command skips finished runs and resumes unfi
 docs/study.md (written by the report) has the results; this file decides what runs.
 
 Arguments (comma separated): `quick` (QUICK: fewer seeds and arms, 12 minutes on 2 CPU
-cores, measured); `groups=a+b` runs only those arm groups (e.g. `groups=main+penalties`);
+cores, measured); `long` (LONG: the main arms and the control at 2000 steps with larger probe
+sets); `groups=a+b` runs only those arm groups (e.g. `groups=main+penalties`);
 `seeds=N` the first N seeds.
 """
 
@@ -55,6 +56,15 @@ GROUPS = ("main", "ablations", "control", "mask_scales", "penalties")
 # `:quick`: what the 12-minute variant cuts. Two seeds instead of three, and only TC-JEPA,
 # I-JEPA and the shuffled-caption control (no ablations, mask scales, penalties).
 QUICK = {"seeds": (0, 1), "steps": STEPS, "groups": ("main", "control")}
+
+# `:long`: the main arms and the control at 2000 steps (about 13x the study's), with probe sets
+# large enough to resolve differences of 0.01-0.02 (the study's, sized for 150-step runs, have a
+# standard error near 0.02). 9 runs, about 80 minutes two at a time on 2 CPU cores (estimated
+# from the same runs made one by one, docs/study.md, which has their results). More arms:
+# `long,groups=main+control+ablations`.
+LONG = {"seeds": SEEDS, "steps": 2000, "groups": ("main", "control")}
+LONG_PROBES = {"probe.num_train": 8000, "probe.num_test": 2000, "probe.attentive_steps": 400,
+               "probe.dense_images": 1000}
 
 DEFAULT_SCALE = (0.15, 0.2)  # masks.target_scale of the main arms (the I-JEPA default)
 
@@ -99,17 +109,21 @@ DESCRIPTIONS = {
 
 def _parse(arg) -> dict:
     """{"steps", "seeds", "groups"} of the config argument."""
-    plan = {"steps": STEPS, "seeds": SEEDS, "groups": GROUPS}
-    for word in filter(None, (arg or "").split(",")):
+    plan = {"steps": STEPS, "seeds": SEEDS, "groups": GROUPS, "variant": "", "probes": {}}
+    words = [w for w in (arg or "").split(",") if w]
+    # The presets first, so that `groups=` and `seeds=` refine them in any order.
+    for word in sorted(words, key=lambda w: w not in ("quick", "long")):
         key, _, value = word.partition("=")
         if word == "quick":
-            plan.update(QUICK)
+            plan.update(QUICK, variant="quick")
+        elif word == "long":
+            plan.update(LONG, variant="long", probes=LONG_PROBES)
         elif key == "groups" and value:
             plan["groups"] = tuple(value.split("+"))
         elif key == "seeds" and value.isdigit() and int(value) > 0:
             plan["seeds"] = tuple(range(int(value)))
         else:
-            raise ValueError(f"unknown config argument {word!r}; use quick, groups=a+b "
+            raise ValueError(f"unknown config argument {word!r}; use quick or long, groups=a+b "
                              f"(of {'+'.join(GROUPS)}) and/or seeds=N.")
     unknown = set(plan["groups"]) - set(GROUPS)
     if unknown:
@@ -120,8 +134,8 @@ def _parse(arg) -> dict:
 def get_config(arg: str = ""):
     plan = _parse(arg)
     config = synthetic_tiny.get_config()
-    config.name = "study_synthetic" + ("_quick" if "quick" in (arg or "") else "")
-    config = sweeps.apply_overrides(config, RECIPE)
+    config.name = "study_synthetic" + (f"_{plan['variant']}" if plan["variant"] else "")
+    config = sweeps.apply_overrides(config, {**RECIPE, **plan["probes"]})
     config.total_steps = plan["steps"]
     config.optim.warmup_steps = plan["steps"] // 10
     config.log_every = max(1, plan["steps"] // 60)    # enough points for the loss curves

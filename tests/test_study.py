@@ -50,6 +50,23 @@ def test_quick_study_validates_and_expands_to_the_expected_runs():
     assert set(config.probe.evaluators) == {"linear", "knn", "dense", "attentive", "grounding"}
 
 
+def test_long_study_is_the_main_arms_and_control_at_2000_steps_with_large_probes():
+    name, runs = sweep_lib.plan("configs/study_synthetic.py:long", [])
+    assert name == "study_synthetic_long"
+    assert len(runs) == 3 * len(study_synthetic.SEEDS)
+    config = study_synthetic.get_config("long")
+    # What docs/study.md's 2000-step table ran (there as --config.* flags and a re-probe).
+    assert (config.total_steps, config.optim.warmup_steps, config.checkpoint_every) == (
+        2000, 200, 1000)
+    assert (config.probe.num_train, config.probe.num_test, config.probe.attentive_steps,
+            config.probe.dense_images) == (8000, 2000, 400, 1000)
+    # The study's own runs keep the recipe's probe sets; presets combine with groups either way.
+    assert study_synthetic.get_config("").probe.num_train == study_synthetic.RECIPE[
+        "probe.num_train"]
+    assert study_synthetic.get_arms("groups=main,long") == study_synthetic.get_arms(
+        "long,groups=main")
+
+
 def test_full_study_has_every_arm_over_three_seeds():
     name, runs = sweep_lib.plan("configs/study_synthetic.py", [])
     arms = study_synthetic.get_arms()
