@@ -51,22 +51,34 @@ def _register_array_handler():
         override=True)
 
 
+def reader(workdir: str) -> "Checkpointer":
+    """A read-only Checkpointer of workdir's checkpoints (Checkpointer's `read_only`)."""
+    import ml_collections
+    return Checkpointer(workdir, ml_collections.ConfigDict(
+        {"checkpoint_every": 1, "keep_checkpoints": None}), read_only=True)
+
+
 class CheckpointError(UserError):
     """A checkpoint could not be written: the run stops rather than train on unprotected."""
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, config):
+    def __init__(self, workdir: str, config, read_only: bool = False):
+        """`read_only`: a reader (evaluate, export, plot, init_from) of a run that may still be
+        training; it neither saves nor deletes, and in particular leaves alone the temporary
+        directory of a save in progress, which the run's own clean-up would remove."""
         self.directory = paths.absolute(os.path.join(workdir, "checkpoints"))
         keep_last, keep_period = config.get("keep_checkpoints"), config.get("keep_period", 0)
         keep = [policies.LatestN(keep_last) if keep_last else policies.PreserveAll()]
         if keep_period:
             keep.append(policies.EveryNSteps(keep_period))
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=config.checkpoint_every,
+            save_interval_steps=0 if read_only else config.checkpoint_every,
+            create=not read_only,
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=True,
-            cleanup_tmp_directories=True,   # what a save killed half-way left behind
+            cleanup_tmp_directories=not read_only,   # what a save killed half-way left behind
+            read_only=read_only,
         )
         _register_array_handler()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)

@@ -203,8 +203,7 @@ def restore_encoder(workdir: str, step=None, encoder=None, with_model: bool = Fa
     (all trained parameters, tokenizer) when a configured evaluator reads the model, else
     (None, None). `probe_overrides` ({field: value} of config.probe) replace the saved
     config's probe settings, checked like a training config."""
-    checkpointer = ckpt_lib.Checkpointer(workdir, ml_collections.ConfigDict(
-        {"checkpoint_every": 1, "keep_checkpoints": None}))
+    checkpointer = ckpt_lib.reader(workdir)
     step = ckpt_lib.existing_step(checkpointer.manager, checkpointer.directory, step)
     config = ml_collections.ConfigDict(checkpointer.restore_config(step))
     host_memory.configure(config.get("host_malloc", "reuse"))  # as the run's trainer did

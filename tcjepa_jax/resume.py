@@ -196,9 +196,7 @@ def rederive_data_start(states: dict, hosts: int) -> tuple[int, dict]:
 def init_from(config, state, abstract_state):
     """`state` with the encoders (and with init_from.predictor, the predictor and the text
     encoder) of init_from.workdir's checkpoint; optimizer state and step stay fresh."""
-    import ml_collections
-    source = ckpt_lib.Checkpointer(config.init_from.workdir, ml_collections.ConfigDict(
-        {"checkpoint_every": 1, "keep_checkpoints": None}))
+    source = ckpt_lib.reader(config.init_from.workdir)
     step = ckpt_lib.existing_step(source.manager, source.directory,
                                   config.init_from.get("step") or None)
     names = ["encoder"] + (["predictor", "text"] if config.init_from.get("predictor") else [])

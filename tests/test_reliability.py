@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 
 import grain
 import jax
@@ -155,6 +156,20 @@ def test_checkpoint_killed_mid_save_is_ignored(finished, tmp_path):
     start = _resume(workdir, config, setup)
     assert start.step == TOTAL_STEPS - 1
     _assert_trees_equal(jax.device_get(start.state), states[TOTAL_STEPS - 1])
+
+
+def test_readers_leave_a_save_in_progress_alone(finished, tmp_path):
+    """evaluate, export, plot and init_from may open a run that is still training: unlike the
+    trainer's own Checkpointer, they must not clean up the temporary directory of its save."""
+    workdir = _copy(finished, tmp_path)
+    in_progress = os.path.join(workdir, "checkpoints",
+                               f"{TOTAL_STEPS + 1}.orbax-checkpoint-tmp-1234")
+    os.makedirs(in_progress)
+    reader = ckpt_lib.reader(workdir)
+    time.sleep(1.0)  # Orbax's clean-up runs in a background thread as the manager opens
+    assert TOTAL_STEPS in reader.manager.all_steps()
+    reader.close()
+    assert os.path.isdir(in_progress)
 
 
 def test_no_readable_checkpoint_stops_instead_of_starting_over(finished, tmp_path):

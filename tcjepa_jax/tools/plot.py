@@ -51,13 +51,11 @@ class Run(NamedTuple):
 
 def _checkpointer(workdir: str):
     from tcjepa_jax import checkpoint as ckpt_lib
-    import ml_collections
     if not paths.exists(os.path.join(workdir, "checkpoints")):
         raise UserError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}; train first "
                         f"(python -m tcjepa_jax.train --workdir={workdir}) or plot only the "
                         "curves (--figures=curves).")
-    return ckpt_lib.Checkpointer(workdir, ml_collections.ConfigDict(
-        {"checkpoint_every": 1, "keep_checkpoints": None}))
+    return ckpt_lib.reader(workdir)
 
 
 def load_run(workdir: str, step=None, num_images: int = 8) -> Run:
