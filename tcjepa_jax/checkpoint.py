@@ -64,9 +64,10 @@ class CheckpointError(UserError):
 
 class Checkpointer:
     def __init__(self, workdir: str, config, read_only: bool = False):
-        """`read_only`: a reader (evaluate, export, plot, init_from) of a run that may still be
-        training; it neither saves nor deletes, and in particular leaves alone the temporary
-        directory of a save in progress, which the run's own clean-up would remove."""
+        """`read_only`: a reader (evaluate, plot, init_from; export has its own) of a run
+        that may still be training; it neither saves nor deletes, and in particular leaves
+        alone the temporary directory of a save in progress, which the run's own clean-up
+        would remove."""
         self.directory = paths.absolute(os.path.join(workdir, "checkpoints"))
         keep_last, keep_period = config.get("keep_checkpoints"), config.get("keep_period", 0)
         keep = [policies.LatestN(keep_last) if keep_last else policies.PreserveAll()]
