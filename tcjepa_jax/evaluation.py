@@ -109,11 +109,12 @@ OVERRIDES_DIR = "probe_overrides"
 
 def write_results(workdir: str, step: int, results: dict, probe_overrides=None):
     if jax.process_index() == 0:
-        folder = ("evals",) + ((OVERRIDES_DIR,) if probe_overrides else ())
-        extra = {"probe_overrides": dict(probe_overrides)} if probe_overrides else {}
-        paths.write_text(os.path.join(workdir, *folder, f"step_{step}.json"),
-                         json.dumps({"step": step, **extra, **results}, indent=2,
-                                    sort_keys=True))
+        folder, record = os.path.join(workdir, "evals"), {"step": step, **results}
+        if probe_overrides:
+            folder = os.path.join(folder, OVERRIDES_DIR)
+            record["probe_overrides"] = dict(probe_overrides)
+        paths.write_text(os.path.join(folder, f"step_{step}.json"),
+                         json.dumps(record, indent=2, sort_keys=True))
 
 
 def final_evaluation(config, workdir: str, models, params, step: int, trained=None,

@@ -159,7 +159,7 @@ def test_checkpoint_killed_mid_save_is_ignored(finished, tmp_path):
 
 
 def test_readers_leave_a_save_in_progress_alone(finished, tmp_path):
-    """evaluate, export, plot and init_from may open a run that is still training: unlike the
+    """evaluate, plot and init_from may open a run that is still training: unlike the
     trainer's own Checkpointer, they must not clean up the temporary directory of its save."""
     workdir = _copy(finished, tmp_path)
     in_progress = os.path.join(workdir, "checkpoints",
