@@ -9,8 +9,11 @@ trained end to end from its initialisation with one linear head per image task (
 colour of the synthetic scenes) on the mean-pooled patch tokens, the same pooled features the
 linear probe reads; summed cross-entropies, AdamW (warm-up 50 steps or a tenth of them, cosine), random batches of
 the probes' training split (`probe.num_train` images); test accuracy per task on `probe.num_test`
-images of the test split at --eval_points steps. If labels do not make a task learnable in a
-given number of steps, a JEPA trained for that many steps should not be expected to learn it.
+images of the test split at --eval_points steps, read by the linear heads and by the kNN probe
+(tcjepa_jax/evaluators/knn.py on the same pooled features, neighbours from the training split).
+If labels do not make a task learnable in a given number of steps, a JEPA trained for that many
+steps should not be expected to learn it; if an encoder trained with the labels does not lift a
+task's kNN accuracy, the kNN probe cannot be expected to show that task for a self-supervised one.
 """
 
 import os
@@ -30,6 +33,7 @@ from ml_collections import config_flags  # noqa: E402
 from tcjepa_jax import host_memory  # noqa: E402
 from tcjepa_jax import step as step_lib  # noqa: E402
 from tcjepa_jax.evaluators._features import load_split, tasks_of  # noqa: E402
+from tcjepa_jax.evaluators.knn import knn_predict  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs",
                                                                    "study_synthetic.py"),
@@ -81,6 +85,11 @@ def main(argv):
         return optax.apply_updates(p, updates), o, loss
 
     predict = jax.jit(lambda p, images: {t: v.argmax(-1) for t, v in logits(p, images).items()})
+    pool = jax.jit(lambda p, images: encoder.apply({"params": p["encoder"]}, images).mean(1))
+
+    def pooled(p, images):
+        return np.concatenate([np.asarray(pool(p, jnp.asarray(images[i:i + 250])))
+                               for i in range(0, len(images), 250)])
 
     def accuracy(p):
         hits = dict.fromkeys(tasks, 0)
@@ -88,7 +97,13 @@ def main(argv):
             out = predict(p, jnp.asarray(test["image"][i:i + 250]))
             for t in tasks:
                 hits[t] += int((np.asarray(out[t]) == test["labels"][t][i:i + 250]).sum())
-        return " ".join(f"{t} {hits[t] / len(test['image']):.3f}" for t in tasks)
+        x_train, x_test = pooled(p, train["image"]), pooled(p, test["image"])
+        knn = {t: float(np.mean(knn_predict(x_train, train["labels"][t], x_test, classes[t],
+                                            int(config.probe.knn_k),
+                                            float(config.probe.knn_temperature))
+                                == test["labels"][t])) for t in tasks}
+        return (" ".join(f"{t} {hits[t] / len(test['image']):.3f}" for t in tasks) + " | kNN "
+                + " ".join(f"{t} {knn[t]:.3f}" for t in tasks))
 
     print(f"{config.model.encoder} at {config.input.image_size} px, {len(train['image'])} "
           f"training / {len(test['image'])} test images, classes {classes}, batch "

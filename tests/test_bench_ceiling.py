@@ -1,7 +1,7 @@
 """benchmarks/supervised_ceiling.py and torch_ceiling.py end to end on a tiny setting, each in its
 own process: they train the study's encoder (or timm's ViT, or a CNN) with labels and report test
-accuracy per task. Accuracies are not checked (4 steps), only that every task is trained and
-evaluated from the config's probe sets."""
+accuracy per task (the JAX one also the kNN probe's on the same features). Accuracies are not
+checked (4 steps), only that every task is trained and evaluated from the config's probe sets."""
 
 import os
 import re
@@ -28,17 +28,20 @@ def test_supervised_ceiling_trains_and_reports_every_task():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "mu/8 at 64 px, 40 training / 30 test images" in out
-    _check_lines(out)
+    lines = _check_lines(out, readouts=2)
+    assert all(" | kNN count " in line for line in lines)
 
 
-def _check_lines(out):
+def _check_lines(out, readouts: int = 1):
+    """Every report line has each task's accuracy once per readout (heads, then kNN)."""
     lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert [line.split(":")[0] for line in lines] == ["step 0 (init)", "step 2", "step 4"]
     for line in lines:
         accuracies = re.findall(r"(count|shape|color) ([0-9.]+)", line)
-        assert [task for task, _ in accuracies] == ["count", "shape", "color"], line
+        assert [task for task, _ in accuracies] == ["count", "shape", "color"] * readouts, line
         assert all(0 <= float(value) <= 1 for _, value in accuracies)
     assert re.search(r"step 4: loss [0-9.]+ \|", out)
+    return lines
 
 
 @pytest.mark.parametrize("model", ["timm", pytest.param("cnn", marks=pytest.mark.slow)])  # CI time
