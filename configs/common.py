@@ -93,6 +93,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.input.min_objects = 1
     config.input.max_objects = 4
     config.input.object_scale = 1.0     # object radii, relative to the default sizes
+    # textured (a random texture, brightness and tint per scene) | plain (one grey): with plain
+    # backgrounds only the objects vary between images.
+    config.input.background = "textured"
     # Decoding and transforms run in this many Grain worker processes (0: in the training
     # process), each with num_threads reader threads; prefetch is in batches.
     config.input.workers = 0

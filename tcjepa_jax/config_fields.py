@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 from tcjepa_jax.caption_control import CAPTION_CONTROLS
 from tcjepa_jax.data.sources import available_sources
-from tcjepa_jax.data.synthetic import MAX_OBJECT_SCALE, NUM_CLASSES
+from tcjepa_jax.data.synthetic import BACKGROUNDS, MAX_OBJECT_SCALE, NUM_CLASSES
 from tcjepa_jax.data.text_features import MODES as TEXT_FEATURE_MODES
 from tcjepa_jax.host_memory import HOST_MALLOC
 from tcjepa_jax.models.attention import ATTENTION_IMPLS
@@ -135,6 +135,7 @@ FIELDS = {
     "input.min_objects": _int(1, 9),
     "input.max_objects": _int(1, 9),
     "input.object_scale": _num(0.25, MAX_OBJECT_SCALE),
+    "input.background": _choice(BACKGROUNDS),
     "input.workers": _int(0, hint="0 decodes in the training process"),
     "input.num_threads": _int(0),
     "input.prefetch": _int(0),

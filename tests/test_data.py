@@ -64,6 +64,27 @@ def test_largest_object_scale_draws_and_a_larger_one_is_refused():
         synthetic.SyntheticScenes(object_scale=synthetic.MAX_OBJECT_SCALE + 0.1)
 
 
+def test_plain_background_is_one_grey_and_keeps_objects_and_labels():
+    textured = synthetic.SyntheticScenes(seed=2)
+    plain = synthetic.SyntheticScenes(seed=2, background="plain")
+    brightness = []
+    for i in range(20):
+        t, p = textured[i], plain[i]
+        background = p["segmentation"] == 0
+        pixels = p["image"][background].astype(np.float32)
+        # grey: the three channels agree and sit near one level in every image
+        assert np.abs(pixels - pixels.mean(axis=1, keepdims=True)).max() < 1e-3
+        assert abs(pixels.mean() - synthetic._PLAIN_GREY) < 1.0
+        brightness.append(t["image"][t["segmentation"] == 0].mean())
+        for key in ("label_count", "label_shape", "label_color"):
+            assert t[key] == p[key]
+        assert "the background is plain." in p["captions"]
+        assert not any("background is plain" in c for c in t["captions"])
+    assert np.std(brightness) > 10  # the textured default still varies from scene to scene
+    with pytest.raises(ValueError, match="background"):
+        synthetic.SyntheticScenes(background="checkered")
+
+
 # --- tokenizer -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

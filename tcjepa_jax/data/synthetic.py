@@ -54,6 +54,10 @@ _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eigh
 _SPLIT_IDS = {"train": 0, "validation": 1, "val": 1, "test": 2}
 _SALT = 0x7C5E  # separates this generator's streams from other users of the same seed
 _TEXTURES = ("noisy", "shaded", "striped")
+# "textured": one of _TEXTURES at a random brightness and tint; "plain": one mid-grey with a
+# little pixel noise, so that the objects are the only thing that varies between images.
+BACKGROUNDS = ("textured", "plain")
+_PLAIN_GREY = 120.0
 
 NUM_CLASSES = {"count": 4, "shape": len(SHAPES), "color": len(COLORS)}  # at max_objects=4
 
@@ -110,6 +114,7 @@ class SyntheticScenes:
             min_objects: int = 1,
             max_objects: int = 4,
             object_scale: float = 1.0,
+            background: str = "textured",
     ):
         if not 1 <= min_objects <= max_objects <= 9:
             raise ValueError(f"Need 1 <= min_objects <= max_objects <= 9, got {min_objects}, {max_objects}.")
@@ -125,6 +130,9 @@ class SyntheticScenes:
             raise ValueError(f"object_scale must be in [0.25, {MAX_OBJECT_SCALE}], "
                              f"got {object_scale}.")
         self.object_scale = float(object_scale)
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}.")
+        self.background = background
         self._split_id = _split_id(split)
         s = self.image_size
         self._yy, self._xx = np.mgrid[0:s, 0:s].astype(np.float32)
@@ -134,7 +142,8 @@ class SyntheticScenes:
 
     def __repr__(self) -> str:
         return (f"SyntheticScenes(image_size={self.image_size}, seed={self.seed}, split={self.split!r}, "
-                        f"size={self.size}, objects={self.min_objects}..{self.max_objects})")
+                        f"size={self.size}, objects={self.min_objects}..{self.max_objects}, "
+                        f"background={self.background!r})")
 
     def __getitem__(self, index: int) -> dict:
         return self._draw(index, grounded=False)
@@ -205,6 +214,9 @@ class SyntheticScenes:
 
     def _background(self, rng: np.random.Generator) -> tuple[np.ndarray, str]:
         s = self.image_size
+        if self.background == "plain":
+            noise = rng.normal(0, 4, (s, s)).astype(np.float32)
+            return np.repeat((_PLAIN_GREY + noise)[..., None], 3, axis=-1), "plain"
         kind = int(rng.integers(0, len(_TEXTURES)))
         base = rng.uniform(70, 170)
         tint = rng.uniform(-18, 18, 3).astype(np.float32)

@@ -12,4 +12,5 @@ def make(input_cfg, split: str) -> SyntheticScenes:
         min_objects=input_cfg.get("min_objects", 1),
         max_objects=input_cfg.get("max_objects", 4),
         object_scale=input_cfg.get("object_scale", 1.0),
+        background=input_cfg.get("background", "textured"),
     )
