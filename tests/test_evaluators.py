@@ -171,3 +171,24 @@ def test_evaluators_read_any_labelled_source(tmp_path):
     results = evaluation.run_evaluators(config, models.encoder, nn.unbox(params), data)
     assert set(results) == {"eval/linear/label", "eval/knn/label"}
     assert all(0 <= v <= 1 for v in results.values())
+
+
+def test_label_variance_is_eta_squared_and_separates_a_loud_label_from_a_quiet_one():
+    from tcjepa_jax.evaluators import label_variance
+    rng = np.random.default_rng(3)
+    n = 600
+    loud, quiet = rng.integers(0, 3, n), rng.integers(0, 4, n)
+    # The loud label moves a feature by 5 noise units, the quiet one by 0.2.
+    x = rng.normal(size=(n, 6)) + 5.0 * np.eye(6)[loud] + 0.2 * np.eye(6)[3 + quiet % 3]
+    # A numpy reference written the other way round: total minus within-class sum of squares.
+    total = np.sum((x - x.mean(0)) ** 2)
+    within = sum(np.sum((x[loud == c] - x[loud == c].mean(0)) ** 2) for c in range(3))
+    assert label_variance.explained_share(x, loud) == pytest.approx(1 - within / total)
+    assert label_variance.explained_share(x, loud) > 0.5
+    assert label_variance.explained_share(x, quiet) < 0.05
+    assert label_variance.explained_share(x, rng.permutation(loud)) < 0.02
+    assert label_variance.effective_rank(np.eye(6)[rng.integers(0, 6, 3000)]) \
+        == pytest.approx(5.0, abs=0.1)  # 6 one-hot directions, centred: rank 5, equal weights
+    features = _features_of(x[:300, None], loud[:300], x[300:, None], loud[300:])
+    out = label_variance.evaluate(features, None)
+    assert set(out) == {"task", "effective_rank"} and 0.5 < out["task"] <= 1.0
