@@ -260,6 +260,9 @@ def test_report_turns_runs_into_tables_and_plots(tokenizer_path, tmp_path):
                     "Training statistics", "Mask-scale sensitivity"):
         assert heading in text
     assert "Our reading." in text and "<!-- keep:summary -->" in text  # kept / new blocks
+    # Its commands rerun this very study (the sweep it read), not another variant.
+    assert f"python launch/sweep.py --config={config} --max_parallel=2" in text
+    assert f"study_report --config={config} --out={out}" in text
     assert "Unfinished (left out): `target_scale=0.2-0.3_seed=1`" in text
     # linear/count at step 4: 0.5 + shift, mean ± std over two seeds; one seed: "(n=1)".
     assert row("| `tc_jepa` | 0.510 ± 0.014 | 0.510 ± 0.014 | 0.510 ± 0.014 |")

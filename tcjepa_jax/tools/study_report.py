@@ -241,18 +241,19 @@ def write_report(root: str, config_arg: str, out: str, images: str = "") -> str:
                                     os.path.splitext(os.path.basename(out))[0])
     written = study_plots.make_all(study, images)
     kept = dict(KEEP.findall(paths.read_bytes(out).decode())) if paths.exists(out) else {}
-    quick = config_arg.split(":")[0] + ":quick"
+    base = config_arg.split(":")[0]
     parts = [
         "# Study: does text conditioning help? TC-JEPA against I-JEPA on the synthetic scenes\n",
         keep_block("summary", kept, TODO),
         "## How to run it\n",
         "One sweep, then this report (re-run the sweep after an interruption: finished runs "
         "are skipped, unfinished ones resume from their last checkpoint):\n",
-        f"    python launch/sweep.py --config={quick} --max_parallel=2     # the quick variant\n"
-        f"    python -m tcjepa_jax.tools.study_report --config={quick} --out={out}\n\n"
-        f"The full study: the same two commands with `--config={quick[:-6]}`. "
+        f"    python launch/sweep.py --config={config_arg} --max_parallel=2\n"
+        f"    python -m tcjepa_jax.tools.study_report --config={config_arg} --out={out}\n\n"
+        f"The other variants: the same two commands with `--config={base}` (the full study), "
+        f"`{base}:quick` or `{base}:long`. "
         "configs/study_synthetic.py holds the recipe, the seeds, the steps and the arms "
-        "(and says what `:quick` cuts); docs/launch.md describes sweeps. Runs go to "
+        "(and says what each variant cuts); docs/launch.md describes sweeps. Runs go to "
         "`runs/sweeps/<config name>/<run>`; the report reads their `final_metrics.json`, "
         "`evals/step_N.json` and TensorBoard logs (tcjepa_jax/tools/study_runs.py). Time is "
         "training time, step x the run's median step time, so it is measured under whatever "
