@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(REPO, "launch"))
 import sweep as sweep_lib  # noqa: E402  (launch/sweep.py)
 
 QUICK = "configs/study_synthetic.py:quick"
+LONG = "configs/study_synthetic.py:long"
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,14 @@ def test_long_study_is_the_main_arms_and_control_at_2000_steps_with_large_probes
         "probe.num_train"]
     assert study_synthetic.get_arms("groups=main,long") == study_synthetic.get_arms(
         "long,groups=main")
+
+
+def test_report_setup_shows_the_recipe_as_the_variant_sets_it(tmp_path):
+    # `:long` lays larger probe sets over the recipe; the report must show those, not RECIPE's.
+    setup = study_report.section_setup(study_report.Study(str(tmp_path), LONG))
+    for key, value in study_synthetic.LONG_PROBES.items():
+        assert f"`{key}={value}`" in setup
+    assert f"`probe.num_train={study_synthetic.RECIPE['probe.num_train']}`" not in setup
 
 
 def test_full_study_has_every_arm_over_three_seeds():

@@ -12,6 +12,7 @@ contain and how time is measured: tools/study_runs.py. Text between `<!-- keep:N
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -91,7 +92,9 @@ class Study:
 
 def section_setup(study: Study) -> str:
     module, config = study.module, study.config
-    recipe = getattr(module, "RECIPE", {})
+    # The recipe's fields as this variant sets them (`:long` lays larger probe sets over them).
+    recipe = {key: functools.reduce(getattr, key.split("."), config)
+              for key in getattr(module, "RECIPE", {})}
     done = [r for r in study.runs if r.finished]
     steps = sorted({r.steps for r in done}) or [config.total_steps]
     evaluated = sorted({s for r in done for s in r.evals})
