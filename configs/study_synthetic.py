@@ -59,9 +59,8 @@ QUICK = {"seeds": (0, 1), "steps": STEPS, "groups": ("main", "control")}
 
 # `:long`: the main arms and the control at 2000 steps (about 13x the study's), with probe sets
 # large enough to resolve differences of 0.01-0.02 (the study's, sized for 150-step runs, have a
-# standard error near 0.02). 9 runs, about 80 minutes two at a time on 2 CPU cores (estimated
-# from the same runs made one by one, docs/study.md, which has their results). More arms:
-# `long,groups=main+control+ablations`.
+# standard error near 0.02). 9 runs, 95 minutes two at a time on 2 CPU cores (measured;
+# docs/study_long.md has their results). More arms: `long,groups=main+control+ablations`.
 LONG = {"seeds": SEEDS, "steps": 2000, "groups": ("main", "control")}
 LONG_PROBES = {"probe.num_train": 8000, "probe.num_test": 2000, "probe.attentive_steps": 400,
                "probe.dense_images": 1000}
