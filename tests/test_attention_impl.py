@@ -224,6 +224,7 @@ def test_tpu_train_step_compiles_with_splash():
 
 # ---- benchmarks/gpu_mfu.py ----------------------------------------------------------------
 
+@pytest.mark.slow  # about 30 s: a developer tool, kept out of CI time
 def test_gpu_mfu_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "mfu.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu",

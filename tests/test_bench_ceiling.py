@@ -19,6 +19,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow  # about 25 s: a developer tool, kept out of CI time
 def test_supervised_ceiling_trains_and_reports_every_task():
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "supervised_ceiling.py"),

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config=configs/synthetic_tiny.py", "--config.batch_size=2"]
 COMPONENTS = ["target encoder", "context encoder", "text encoder", "predictor",
@@ -42,6 +44,7 @@ def _check_sum(parts, whole, low=0.8, high=1.25):
     assert low * whole["flops"] <= total <= high * whole["flops"], (total, whole["flops"])
 
 
+@pytest.mark.slow  # about 50 s of two processes' compiles: a developer tool, kept out of CI time
 def test_breakdown_and_paper_tables(tmp_path):
     measured = _start(tmp_path, "breakdown", ["--repeats=1"])
     paper = _start(tmp_path, "paper", ["--paper", "--paper_configs=configs/synthetic_tiny.py",
